@@ -34,12 +34,31 @@ OFFLINE_ENV = {
 TINY_PARAMS = {
     "tokenizer": {"vocab_size": 512},
     "tokenize": {"shard_tokens": 20_000, "batch_size": 64},
-    "model": {"preset": "custom", "n_layer": 2, "n_head": 2, "n_kv_head": 1, "d_model": 32, "d_ff": 64,
-              "context_length": 64},
-    "pretrain": {"steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_every": 10, "log_every": 5,
-                 "checkpoint_every": 10},
-    "finetune": {"steps": 10, "batch_size": 4, "warmup_steps": 1, "eval_every": 5, "checkpoint_every": 5,
-                 "max_length": 64},
+    "model": {
+        "preset": "custom",
+        "n_layer": 2,
+        "n_head": 2,
+        "n_kv_head": 1,
+        "d_model": 32,
+        "d_ff": 64,
+        "context_length": 64,
+    },
+    "pretrain": {
+        "steps": 20,
+        "batch_size": 4,
+        "warmup_steps": 2,
+        "eval_every": 10,
+        "log_every": 5,
+        "checkpoint_every": 10,
+    },
+    "finetune": {
+        "steps": 10,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "eval_every": 5,
+        "checkpoint_every": 5,
+        "max_length": 64,
+    },
     "evaluate": {"max_new_tokens": 8, "sft_max_examples": 8},
 }
 
