@@ -1,0 +1,440 @@
+"""Stage `evaluate`: every model of the workspace on held-out data, beside the baselines that give it meaning.
+
+Reads models/pretrain/hf, models/finetune/hf, the base model of the fine-tune (`finetune.init_from`),
+data/tokens/{train,val}, data/ingest/{pretrain,sft,classification}/val.jsonl and params `evaluate`; writes
+reports/evaluate.json (one flat namespace, DVC metrics) and, under reports/evaluate/: pretrain_bpb.png (model vs
+baselines), finetune.png (base vs fine-tuned loss, or the confusion matrix), predictions.csv/json (every held-out
+answer or prediction) and samples.csv/json (the samples table).
+
+- pretrain: loss, perplexity and bits-per-byte (lmcore.metrics, the one definition) on the val token split,
+  beside count-based unigram and bigram models fitted on the train split and scored on the same targets; a
+  model that does not beat the bigram is called undertrained in `pretrain.verdict`.
+- sft: assistant-token loss/perplexity and exact match / token F1 of greedy answers on held-out conversations,
+  for the fine-tuned model (`sft.*`) and the base model (`base.*`) on the same prompts.
+- classification: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, majority-class baseline.
+- lm-evaluation-harness (`evaluate.lm_eval.enabled`): a rolling-loglikelihood task over the held-out pretraining
+  text, run offline on the exported HF models; its metrics are merged as `lm_eval.<model>.<metric>`.
+`*.data_fingerprint` keys hash the held-out text each number was computed on (not its tokens: bits-per-byte is
+tokenizer-independent), so a promotion gate can tell comparable numbers from incomparable ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmcore.config import Config
+from lmcore.errors import CheckpointError, DataError
+from lmcore.paths import Paths
+from lmcore.reporting import reporter
+
+if TYPE_CHECKING:
+    import torch
+
+STAGE = "evaluate"
+OUTPUTS = ("pretrain_bpb.png", "finetune.png", "predictions.csv", "predictions.json", "samples.csv", "samples.json")
+
+
+def run(config: Config, paths: Paths) -> dict:
+    from lmcore.evaluate import write_report
+    from lmcore.train.runtime import seed_everything
+
+    seed_everything(config.project.seed)
+    out = paths.plots(STAGE)
+    for name in OUTPUTS:  # a file this run does not rewrite must not survive from an earlier one
+        (out / name).unlink(missing_ok=True)
+    metrics: dict[str, Any] = {}
+    models = model_dirs(config, paths)
+    if not models:
+        raise CheckpointError(f"{STAGE}: no model to evaluate (models/pretrain/hf or models/finetune/hf)")
+    if "pretrain" in models:
+        metrics |= evaluate_pretrain(config, paths, models["pretrain"], out)
+    if "finetune" in models:
+        if is_classifier(models["finetune"]):
+            metrics |= evaluate_classification(config, paths, models["finetune"], out)
+        else:
+            metrics |= evaluate_sft(config, paths, models["finetune"], models.get("base"), out)
+    rows = samples(config, models)
+    if rows:
+        from lmcore.evaluate import write_table
+
+        write_table(rows, out, "samples")
+    if config.evaluate.lm_eval.enabled:
+        metrics |= run_lm_eval(config, paths, models)
+    declared = {k: v for k, v in metrics.items() if k.endswith("data_fingerprint")}
+    metrics["eval_data_fingerprint"] = digest(json.dumps(declared, sort_keys=True).encode())
+    write_report(paths.report(STAGE), metrics)
+    rep = reporter()
+    rep.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    rep.log_artifact(paths.report(STAGE))
+    for png in sorted(out.glob("*.png")):
+        rep.log_artifact(png, "plots")
+    keys = ("pretrain.val_bpb", "pretrain.bigram_bpb", "pretrain.verdict", "sft.loss", "base.sft_loss")
+    keys += ("sft.exact_match", "sft.token_f1", "classification.accuracy", "classification.majority_accuracy")
+    summary = {k: metrics[k] for k in keys if k in metrics}
+    return summary | {"report": str(paths.report(STAGE)), "samples": len(rows)}
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_fingerprint(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run the ingest stage first)")
+    return digest(path.read_bytes())
+
+
+# --- which models ----------------------------------------------------------------------------------------------
+
+
+def model_dirs(config: Config, paths: Paths) -> dict[str, Path]:
+    """The HF directories present: the pretrained model, the fine-tuned one and the fine-tune's base."""
+    found = {}
+    for kind, directory in (("pretrain", paths.pretrain / "hf"), ("finetune", paths.finetune / "hf")):
+        if (directory / "config.json").is_file():
+            found[kind] = directory
+    base = Path(config.finetune.init_from)
+    base = base if base.is_absolute() else paths.root / base
+    if "finetune" in found and (base / "config.json").is_file():
+        found["base"] = base
+    return found
+
+
+def is_classifier(directory: Path) -> bool:
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    return any("SequenceClassification" in a for a in config.get("architectures") or [])
+
+
+def load_lm(directory: Path):
+    """(lmcore Transformer in eval mode, tokenizer) of an HF causal-LM directory."""
+    from lmcore.export import import_hf
+    from lmcore.stages.finetune import model_tokenizer
+
+    model, _ = import_hf(directory)
+    return model.eval(), model_tokenizer(directory)
+
+
+# --- pretrained model vs count baselines -----------------------------------------------------------------------
+
+
+def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path) -> dict[str, Any]:
+    import torch
+
+    from lmcore.baselines import BigramLM, UnigramLM, score_shards, shard_chunks
+    from lmcore.data.shards import TokenShards
+    from lmcore.evaluate import plot_bars
+    from lmcore.metrics import bits_per_byte, evaluate_lm
+    from lmcore.tokenizer import tokenizer_fingerprint
+
+    model, _ = load_lm(model_dir)
+    fp = tokenizer_fingerprint(model_dir)
+    train = TokenShards(paths.tokens / "train", expected_fingerprint=fp)
+    val = TokenShards(paths.tokens / "val", expected_fingerprint=fp)
+    say(f"{STAGE}: pretrained model on {val.num_tokens:,} held-out tokens")
+    with torch.no_grad():
+        scores = evaluate_lm(model, val, model.config.context_length, config.evaluate.batch_size)
+    vocab = max(train.vocab_size, model.config.vocab_size)
+    unigram = score_shards(UnigramLM(vocab).fit(shard_chunks(train)), val)
+    bigram = score_shards(BigramLM(vocab).fit(shard_chunks(train)), val)
+    result = {
+        "pretrain.val_loss": scores["loss"],
+        "pretrain.val_perplexity": scores["perplexity"],
+        "pretrain.val_bpb": scores["bpb"],
+        "pretrain.val_tokens": int(scores["tokens"]),
+        "pretrain.unigram_bpb": bits_per_byte(unigram.nll_nats, val.utf8_bytes),
+        "pretrain.bigram_bpb": bits_per_byte(bigram.nll_nats, val.utf8_bytes),
+        "pretrain.data_fingerprint": file_fingerprint(paths.split_file("pretrain", "val")),
+    }
+    margin = result["pretrain.bigram_bpb"] - result["pretrain.val_bpb"]
+    result["pretrain.beats_bigram"] = int(margin > 0)
+    result["pretrain.verdict"] = (
+        f"beats the bigram baseline by {margin:.3f} bits per byte"
+        if margin > 0
+        else f"undertrained: {-margin:.3f} bits per byte worse than a count-based bigram model "
+        "(raise pretrain.steps or the model size)"
+    )
+    say(f"{STAGE}: pretrain {result['pretrain.verdict']}")
+    bars = {"model": scores["bpb"], "bigram": result["pretrain.bigram_bpb"], "unigram": result["pretrain.unigram_bpb"]}
+    plot_bars(bars, out / "pretrain_bpb.png", "held-out bits per byte (lower is better)", "bits per byte")
+    return result
+
+
+# --- SFT: fine-tuned vs base on held-out conversations ---------------------------------------------------------
+
+
+def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path | None, out: Path) -> dict[str, Any]:
+    from lmcore.evaluate import plot_bars, write_table
+    from lmcore.finetune import sft
+
+    path = paths.split_file("sft", "val")
+    conversations = sft.load_conversations(path)[: config.evaluate.sft_max_examples]
+    result: dict[str, Any] = {"sft.data_fingerprint": file_fingerprint(path), "sft.examples": len(conversations)}
+    table: list[dict[str, Any]] = []
+    for prefix, directory in (("sft", tuned_dir), ("base", base_dir)):
+        if directory is None:
+            continue
+        scores, rows = sft_scores(config, directory, conversations, prefix)
+        result |= {f"{prefix}.{'' if prefix == 'sft' else 'sft_'}{k}": v for k, v in scores.items()}
+        table += rows
+    bars = {"fine-tuned": result["sft.loss"]}
+    if "base.sft_loss" in result:
+        result["sft.loss_gain"] = result["base.sft_loss"] - result["sft.loss"]
+        bars = {"base": result["base.sft_loss"]} | bars
+    plot_bars(bars, out / "finetune.png", "held-out assistant-token loss (lower is better)", "nats per token")
+    write_table(table, out, "predictions")
+    return result
+
+
+def sft_scores(
+    config: Config, directory: Path, conversations: list, name: str
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Assistant-token loss and perplexity, then exact match and token F1 of greedy answers (and the answers)."""
+    import math
+
+    from lmcore.evaluate import answer_metrics, exact_match, token_f1
+    from lmcore.finetune import sft
+
+    model, tokenizer = load_lm(directory)
+    render = sft.chat_renderer(tokenizer, str(directory))
+    context = model.config.context_length
+    examples = sft.build_examples(conversations, tokenizer, context, render=render)
+    nll, count = sft.assistant_nll(model, examples, tokenizer.pad_token_id, config.evaluate.batch_size)
+    loss = nll / max(1, count)
+    prompts, references, questions = [], [], []
+    for messages in conversations:
+        prompt, reference = sft.prompt_and_reference(messages)
+        prompts.append(render(prompt, True))
+        references.append(reference)
+        questions.append(next((m["content"] for m in reversed(prompt) if m["role"] == "user"), ""))
+    say(f"{STAGE}: {name}: greedy answers to {len(prompts)} held-out prompts")
+    cfg = config.evaluate
+    answers = complete(model, tokenizer, prompts, cfg.max_new_tokens, True, seed=0, batch_size=cfg.batch_size)
+    scores = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "assistant_tokens": count}
+    rows = [
+        {
+            "model": name,
+            "prompt": q,
+            "reference": r,
+            "answer": a,
+            "exact_match": exact_match(a, r),
+            "token_f1": token_f1(a, r),
+        }
+        for q, r, a in zip(questions, references, answers, strict=True)
+    ]
+    return scores | answer_metrics(answers, references), rows
+
+
+# --- classification ----------------------------------------------------------------------------------------------
+
+
+def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: Path) -> dict[str, Any]:
+    from lmcore.evaluate import classification_metrics, majority_baseline, plot_confusion_matrix, write_table
+    from lmcore.finetune import classification as cls
+    from lmcore.stages.finetune import model_tokenizer
+
+    cfg = config.finetune
+    train_path, val_path = (paths.split_file("classification", s) for s in ("train", "val"))
+    data = cls.load_classification(train_path, val_path, cfg.text_field, cfg.label_field)
+    model, labels = cls.import_hf_classifier(model_dir)
+    tokenizer = model_tokenizer(model_dir)
+    unknown = sorted({row.label for row in data.val} - set(labels))
+    if unknown:
+        raise DataError(f"{val_path}: label(s) {unknown} unknown to the classifier in {model_dir} (labels {labels})")
+    label2id = {label: i for i, label in enumerate(labels)}
+    rows, _ = cls.encode_texts([r.text for r in data.val], tokenizer, model.config.context_length)
+    say(f"{STAGE}: classifier on {len(rows)} held-out rows")
+    predicted = cls.predict(model, rows, tokenizer.pad_token_id, config.evaluate.batch_size)
+    actual = [label2id[r.label] for r in data.val]
+    scores = classification_metrics(actual, predicted, labels)
+    matrix = scores.pop("confusion_matrix")
+    majority = majority_baseline(actual, label2id[data.majority_label()], labels)
+    result = {f"classification.{k}": v for k, v in scores.items()}
+    result |= {
+        "classification.val_rows": len(rows),
+        "classification.majority_label": data.majority_label(),
+        "classification.majority_accuracy": majority["accuracy"],
+        "classification.majority_macro_f1": majority["macro_f1"],
+        "classification.beats_majority": int(scores["accuracy"] > majority["accuracy"]),
+        "classification.data_fingerprint": file_fingerprint(val_path),
+    }
+    plot_confusion_matrix(matrix, labels, out / "finetune.png", "held-out confusion matrix (rows: true label)")
+    rows = [
+        {"text": r.text, "actual": labels[a], "predicted": labels[p]}
+        for r, a, p in zip(data.val, actual, predicted, strict=True)
+    ]
+    write_table(rows, out, "predictions")
+    return result
+
+
+# --- samples -------------------------------------------------------------------------------------------------------
+
+
+def samples(config: Config, models: dict[str, Path]) -> list[dict[str, Any]]:
+    """Greedy and top-p continuations of `evaluate.prompts` by the base (or pretrained) and fine-tuned models."""
+    from lmcore.finetune import sft
+
+    cfg = config.evaluate
+    rows: list[dict[str, Any]] = []
+    base = models.get("base") or models.get("pretrain")
+    tuned = models.get("finetune")
+    for name, directory in (("base", base), ("finetuned", tuned)):
+        if directory is None:
+            continue
+        if name == "finetuned" and is_classifier(directory):
+            rows += classify_samples(config, directory)
+            continue
+        model, tokenizer = load_lm(directory)
+        prompts = list(cfg.prompts)
+        if name == "finetuned":  # a chat model is asked the prompt as a user turn
+            render = sft.chat_renderer(tokenizer, str(directory))
+            texts = [render([{"role": "user", "content": p}], True) for p in prompts]
+        else:
+            texts = [tokenizer.bos_token + p if tokenizer.bos_token else p for p in prompts]
+        for mode in ("greedy", "top_p"):
+            outputs = complete(
+                model,
+                tokenizer,
+                texts,
+                cfg.max_new_tokens,
+                greedy=mode == "greedy",
+                seed=config.project.seed,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                batch_size=cfg.batch_size,
+            )
+            rows += [
+                {"model": name, "mode": mode, "prompt": p, "completion": o}
+                for p, o in zip(prompts, outputs, strict=True)
+            ]
+    return rows
+
+
+def classify_samples(config: Config, directory: Path) -> list[dict[str, Any]]:
+    import torch
+
+    from lmcore.finetune import classification as cls
+    from lmcore.stages.finetune import model_tokenizer
+
+    model, labels = cls.import_hf_classifier(directory)
+    tokenizer = model_tokenizer(directory)
+    prompts = list(config.evaluate.prompts)
+    rows, _ = cls.encode_texts(prompts, tokenizer, model.config.context_length)
+    probs = torch.softmax(cls.logits(model, rows, tokenizer.pad_token_id, config.evaluate.batch_size), -1)
+    return [
+        {
+            "model": "finetuned",
+            "mode": "classify",
+            "prompt": p,
+            "completion": f"{labels[int(q.argmax())]} ({q.max():.3f})",
+        }
+        for p, q in zip(prompts, probs, strict=True)
+    ]
+
+
+# --- generation ----------------------------------------------------------------------------------------------------
+
+
+def complete(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    greedy: bool,
+    seed: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Continuations of already-rendered texts (their special tokens included), stopping at EOS or end of turn.
+
+    lmcore's KV-cache sampler; prompts longer than the context allows keep their last tokens.
+    """
+    from lmcore.generate import SamplingConfig, generate, stop_tokens
+
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        seed=seed,
+        stop_token_ids=stop_tokens(tokenizer, chat=True),
+    )
+    from tqdm import tqdm
+
+    prompts = [tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
+    outputs: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty()):
+        for ids in generate(model, prompts[start : start + batch_size], cfg, tokenizer.pad_token_id):
+            outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return outputs
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------------------------
+
+
+LM_EVAL_TASK = "lmcycle_heldout"
+LM_EVAL_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
+
+
+def lm_eval_task_yaml(data_file: Path) -> str:
+    """A rolling-loglikelihood task over local jsonl documents (`text` field): nothing is fetched from a hub."""
+    import yaml
+
+    task = {
+        "task": LM_EVAL_TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": m} for m in LM_EVAL_METRICS],
+    }
+    return yaml.safe_dump(task, sort_keys=False)
+
+
+def run_lm_eval(config: Config, paths: Paths, models: dict[str, Path]) -> dict[str, Any]:
+    """lm-evaluation-harness on the exported causal LMs over the held-out pretraining text, fully offline."""
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    cfg = config.evaluate.lm_eval
+    data_file = paths.split_file("pretrain", "val")
+    if not data_file.is_file():
+        raise DataError(f"{data_file}: not found; evaluate.lm_eval needs the held-out pretraining text")
+    result: dict[str, Any] = {"lm_eval.data_fingerprint": file_fingerprint(data_file)}
+    with tempfile.TemporaryDirectory(prefix="lmcycle-lm-eval-") as tmp:
+        (Path(tmp) / f"{LM_EVAL_TASK}.yaml").write_text(lm_eval_task_yaml(data_file), encoding="utf-8")
+        manager = TaskManager(include_path=tmp)
+        for name in ("pretrain", "finetune"):
+            directory = models.get(name)
+            if directory is None or is_classifier(directory):
+                continue
+            say(f"{STAGE}: lm-evaluation-harness on {directory}")
+            out = simple_evaluate(
+                model="hf",
+                model_args=f"pretrained={directory},dtype=float32",
+                tasks=[LM_EVAL_TASK],
+                task_manager=manager,
+                device="cpu",
+                batch_size=1,
+                limit=cfg.limit or None,
+                random_seed=config.project.seed,
+                numpy_random_seed=config.project.seed,
+                torch_random_seed=config.project.seed,
+                log_samples=False,
+            )
+            scores = out["results"][LM_EVAL_TASK]
+            for metric in LM_EVAL_METRICS:
+                result[f"lm_eval.{name}.{metric}"] = float(scores[f"{metric},none"])
+    return result

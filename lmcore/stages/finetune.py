@@ -1,0 +1,432 @@
+"""Stage `finetune`: adapt a pretrained model to conversations (SFT) or to labelled text (classification).
+
+Reads the model in `finetune.init_from` (default models/pretrain/hf, or any Hugging Face Llama directory a user
+brings), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
+models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
+
+One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
+checkpoints/finetune/ (outside DVC's outputs, so `dvc repro` after a crash resumes), exact resume, SIGTERM saves,
+a non-finite loss stops, DDP under `torchrun --nproc_per_node=N -m flows.cli stage finetune`. The task only
+changes what a batch is and what the loss is: SFT trains on assistant tokens of chat-template renderings;
+classification trains a `score` head (and the decoder) on the last token. With `finetune.lora.r > 0` peft adapters
+train instead of the full weights and are merged back before export, so the exported model is a plain one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmcore.config import Config, atomic_write_text
+from lmcore.errors import CheckpointError, ConfigError, DataError
+from lmcore.paths import Paths
+from lmcore.reporting import reporter
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from lmcore.model import ModelConfig, Transformer
+    from lmcore.train.distributed import DistEnv
+
+STAGE = "finetune"
+ROUND = 6
+# Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
+BOOKKEEPING_KEYS = frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"})
+
+
+@dataclass
+class Task:
+    """What differs between SFT and classification; the loop and everything around it are shared."""
+
+    model: torch.nn.Module
+    rows: list[Any]  # training rows; a batch is a list of them
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    evaluate_fn: Callable[[torch.nn.Module], dict[str, float]]
+    data: dict[str, Any]  # counts for the report
+    trainable: tuple[str, ...] = ()  # modules trained in full even under LoRA (a fresh head)
+    val_columns: list[str] = field(default_factory=lambda: ["step", "loss"])
+
+
+def run(config: Config, paths: Paths) -> dict:
+    from lmcore.train.distributed import destroy_distributed, init_distributed
+    from lmcore.train.runtime import make_deterministic, pick_device, set_threads
+
+    cfg = config.finetune
+    set_threads(cfg.threads)
+    device_type = pick_device(cfg.device)
+    make_deterministic(device_type)
+    env = init_distributed(device_type)
+    try:
+        return _run(config, paths, env)
+    finally:
+        destroy_distributed()
+
+
+def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
+    import torch
+
+    from lmcore.export import import_hf
+    from lmcore.finetune import lora
+    from lmcore.finetune.data import batch_indices
+    from lmcore.train.checkpoint import fingerprint
+    from lmcore.train.loop import train
+    from lmcore.train.runtime import seed_everything
+
+    cfg, seed = config.finetune, config.project.seed
+    init_dir = resolve_dir(paths, cfg.init_from, "finetune.init_from")
+    tokenizer = model_tokenizer(init_dir)
+    check_tokenizer(paths, cfg.tokenizer, init_dir)
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(
+            f"finetune.batch_size: {cfg.batch_size} sequences cannot be split evenly over {env.world_size} processes"
+        )
+    seed_everything(seed)  # a fresh head and LoRA adapters start from the seed alone
+    base, mcfg = import_hf(init_dir)
+    max_length = min(cfg.max_length, mcfg.context_length)
+    prepare = prepare_sft if cfg.task == "sft" else prepare_classification
+    task = prepare(config, paths, base, tokenizer, max_length, init_dir)
+    model = lora.apply_lora(task.model, cfg.lora, task.trainable) if cfg.lora.r > 0 else task.model
+    trainable, total = lora.count_parameters(model)
+    model.to(env.device)
+
+    inputs = {
+        "init_from": file_digest(init_dir / "model.safetensors"),
+        "init_config": file_digest(init_dir / "config.json"),
+        **{f"data_{split}": file_digest(paths.split_file(cfg.task, split)) for split in ("train", "val")},
+    }
+    params = {
+        "finetune": {k: v for k, v in cfg.model_dump().items() if k not in BOOKKEEPING_KEYS},
+        "max_length": max_length,
+        "seed": seed,
+    }
+    fp = fingerprint({"params": params, "inputs": inputs})
+    if env.is_main:
+        adapters = f"LoRA r={cfg.lora.r}" if cfg.lora.r else "full fine-tuning"
+        say(
+            f"{STAGE}: task {cfg.task} from {cfg.init_from}, {len(task.rows)} training rows, {cfg.steps} steps, "
+            f"{adapters} ({trainable:,} of {total:,} parameters train), fingerprint {fp}"
+        )
+        rep = reporter()
+        rep.log_params({f"finetune.{k}": v for k, v in cfg.model_dump().items()} | {"project.seed": seed})
+        for split in ("train", "val"):
+            path = paths.split_file(cfg.task, split)
+            rep.log_input(f"{cfg.task}-{split}", inputs[f"data_{split}"], str(path), context=split)
+
+    per_rank = cfg.batch_size // env.world_size
+    device = torch.device(env.device)
+
+    def batch_fn(index: int) -> dict[str, torch.Tensor]:
+        picked = batch_indices(len(task.rows), per_rank, index, seed, env.rank, env.world_size)
+        return {k: v.to(device) for k, v in task.collate([task.rows[i] for i in picked]).items()}
+
+    result = train(
+        model,
+        batch_fn,
+        cfg,
+        env=env,
+        seed=seed,
+        loss_fn=task.loss_fn,
+        evaluate_fn=task.evaluate_fn,
+        checkpoint_dir=paths.checkpoints(STAGE),
+        fingerprint=fp,
+        meta={"stage": STAGE, "task": cfg.task, "model_config": mcfg.to_dict(), "params": params, "inputs": inputs},
+        name=STAGE,
+    )
+    if not env.is_main:
+        return {"rank": env.rank, "steps": result.step}
+
+    report = {
+        "task": cfg.task,
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "train_loss": result.train_loss,
+        **{f"val_{k}": v for k, v in result.val.items()},
+        "params_total": total,
+        "params_trainable": trainable,
+        "lora_r": cfg.lora.r,
+        "max_length": max_length,
+        "data": task.data,
+    }
+    report = rounded(report)
+    write_reports(paths, report, result.history, task.val_columns)
+    final = lora.merge(model).cpu()
+    write_models(paths, config, final, mcfg, init_dir, tokenizer, result, report, task, inputs)
+    summary = {
+        "task": cfg.task,
+        "steps": result.step,
+        "train_loss": report["train_loss"],
+        **{k: v for k, v in report.items() if k.startswith("val_")},
+        "resumed_from_step": result.resumed_from if result.resumed_from is not None else "-",
+        "model": str(paths.finetune / "hf"),
+    }
+    if result.replica_digest:
+        summary["replicas_identical"] = f"{env.world_size} ranks, sha256 {result.replica_digest[:16]}"
+    return summary
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+
+def resolve_dir(paths: Paths, value: str, key: str) -> Path:
+    directory = Path(value)
+    directory = directory if directory.is_absolute() else paths.root / directory
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{key}: {value} is not a Hugging Face model directory (run the pretrain stage first?)")
+    return directory
+
+
+def model_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved with a model; a missing pad token falls back to EOS (right padding is never attended)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as err:  # transformers raises many types for a broken or absent tokenizer
+        raise CheckpointError(f"{directory}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise CheckpointError(f"{directory}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_tokenizer(paths: Paths, expected: str | None, init_dir: Path) -> None:
+    """Refuse a model whose tokenizer is not the workspace's (finetune.tokenizer), naming both."""
+    if expected is None:
+        return
+    from lmcore.tokenizer import tokenizer_fingerprint
+
+    workspace = Path(expected) if Path(expected).is_absolute() else paths.root / expected
+    if not (workspace / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"finetune.tokenizer: {expected} has no tokenizer.json (run the tokenizer stage, or set "
+            "finetune.tokenizer: null to use the tokenizer of finetune.init_from)"
+        )
+    ours, theirs = tokenizer_fingerprint(workspace), tokenizer_fingerprint(init_dir)
+    if ours != theirs:
+        raise DataError(
+            f"finetune.init_from: the tokenizer of {init_dir} (fingerprint {theirs}) differs from the workspace "
+            f"tokenizer {workspace} (fingerprint {ours}): rerun pretrain with this tokenizer, or set "
+            "finetune.tokenizer: null to fine-tune with the model's own"
+        )
+
+
+def file_digest(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run the ingest stage first)")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# --- tasks -----------------------------------------------------------------------------------------------------
+
+
+def prepare_sft(config: Config, paths: Paths, base: Transformer, tokenizer, max_length: int, init_dir: Path) -> Task:
+    import math
+
+    from lmcore.finetune import sft
+
+    cfg = config.finetune
+    render = sft.chat_renderer(tokenizer, str(init_dir))
+    stats = {split: sft.SftStats() for split in ("train", "val")}
+    examples = {}
+    for split, st in stats.items():
+        conversations = sft.load_conversations(paths.split_file("sft", split), st)
+        examples[split] = sft.build_examples(conversations, tokenizer, max_length, st, render)
+        if not examples[split]:
+            raise DataError(
+                f"{paths.split_file('sft', split)}: no example keeps an assistant token within "
+                f"finetune.max_length={max_length}"
+            )
+    rows = sft.pack_examples(examples["train"], max_length) if cfg.packing else examples["train"]
+    val = examples["val"]
+    if cfg.eval_max_batches:
+        val = val[: cfg.eval_max_batches * cfg.batch_size]
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        nll, count = sft.assistant_nll(model, val, pad_id, cfg.batch_size)
+        loss = nll / max(1, count)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+    data = {split: st.as_dict() for split, st in stats.items()}
+    data["train"]["rows_after_packing"] = len(rows)
+    return Task(
+        model=base,
+        rows=rows,
+        collate=lambda batch: sft.collate(batch, pad_id),
+        loss_fn=sft.sft_loss,
+        evaluate_fn=evaluate_fn,
+        data=data,
+        val_columns=["step", "loss", "perplexity"],
+    )
+
+
+def prepare_classification(
+    config: Config, paths: Paths, base: Transformer, tokenizer, max_length: int, init_dir: Path
+) -> Task:
+    import torch
+
+    from lmcore.finetune import classification as cls
+
+    cfg = config.finetune
+    data = cls.load_classification(
+        paths.split_file("classification", "train"),
+        paths.split_file("classification", "val"),
+        cfg.text_field,
+        cfg.label_field,
+    )
+    label2id = data.label2id
+    train_ids, train_cut = cls.encode_texts([r.text for r in data.train], tokenizer, max_length)
+    val_ids, val_cut = cls.encode_texts([r.text for r in data.val], tokenizer, max_length)
+    rows = [(ids, label2id[r.label]) for ids, r in zip(train_ids, data.train, strict=True)]
+    val_rows = val_ids[: cfg.eval_max_batches * cfg.batch_size] if cfg.eval_max_batches else val_ids
+    val_labels = torch.tensor([label2id[r.label] for r in data.val][: len(val_rows)])
+    pad_id = tokenizer.pad_token_id
+
+    def collate(batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        out = cls.collate_ids([ids for ids, _ in batch], pad_id)
+        out["labels"] = torch.tensor([label for _, label in batch])
+        return out
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        logits = cls.logits(model, val_rows, pad_id, cfg.batch_size)
+        loss = torch.nn.functional.cross_entropy(logits, val_labels).item()
+        return {"loss": loss, "accuracy": (logits.argmax(-1) == val_labels).float().mean().item()}
+
+    report = {
+        "labels": data.labels,
+        "train_balance": data.balance("train"),
+        "val_balance": data.balance("val"),
+        "train_rows": len(data.train),
+        "val_rows": len(data.val),
+        "skipped_empty_text": data.skipped_empty,
+        "truncated": {"train": train_cut, "val": val_cut},
+        "majority_label": data.majority_label(),
+    }
+    return Task(
+        model=cls.Classifier(base, len(data.labels)),
+        rows=rows,
+        collate=collate,
+        loss_fn=cls.classification_loss,
+        evaluate_fn=evaluate_fn,
+        data=report,
+        trainable=("score",),
+        val_columns=["step", "loss", "accuracy"],
+    )
+
+
+# --- outputs (rank 0) ------------------------------------------------------------------------------------------
+
+
+def rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, ROUND)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def series_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([rounded(row.get(c, "")) for c in columns] for row in rows)
+    return out.getvalue()
+
+
+def write_reports(paths: Paths, report: dict, history: dict[str, list[dict]], val_columns: list[str]) -> None:
+    from lmcore.plots import plot_training_curves
+
+    atomic_write_text(paths.report(STAGE), json.dumps(report, indent=2, sort_keys=True) + "\n")
+    plots = paths.plots(STAGE)
+    atomic_write_text(plots / "train.csv", series_csv(history["train"], ["step", "loss", "lr", "grad_norm"]))
+    atomic_write_text(plots / "val.csv", series_csv(history["val"], val_columns))
+    png = plot_training_curves(history["train"], history["val"], plots / "loss.png", title=STAGE)
+    rep = reporter()
+    rep.log_artifact(paths.report(STAGE))
+    rep.log_artifact(png, "plots")
+
+
+def write_models(
+    paths: Paths,
+    config: Config,
+    model: torch.nn.Module,
+    mcfg: ModelConfig,
+    init_dir: Path,
+    tokenizer,
+    result,
+    report: dict,
+    task: Task,
+    inputs: dict,
+) -> None:
+    """models/finetune/checkpoint (the final checkpoint, adapters unmerged) and models/finetune/hf (merged)."""
+    from lmcore.export import export_hf, export_hf_classifier
+    from lmcore.tokenizer import atomic_directory
+
+    cfg = config.finetune
+    if result.checkpoint is None:
+        raise CheckpointError(f"{STAGE}: training ended without a checkpoint to export")
+    with atomic_directory(paths.finetune / "checkpoint") as tmp:
+        for file in sorted(result.checkpoint.iterdir()):
+            shutil.copy2(file, tmp / file.name)
+    how = f"LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, merged)" if cfg.lora.r else "full fine-tuning"
+    card = {
+        "title": f"{config.project.name} ({cfg.task})",
+        "description": (
+            f"Fine-tuned from {cfg.init_from} by the lmcycle `finetune` stage: task `{cfg.task}`, {how}, "
+            f"{result.step} steps."
+        ),
+        "data": [
+            f"{paths.split_file(cfg.task, split).relative_to(paths.root)} (sha256 {inputs[f'data_{split}']})"
+            for split in ("train", "val")
+        ],
+        "params": {k: v for k, v in cfg.model_dump().items() if v is not None and not isinstance(v, dict)}
+        | {"project.seed": config.project.seed},
+        "metrics": {k: v for k, v in report.items() if k.startswith(("val_", "train_"))},
+        "tags": ["finetune", cfg.task],
+    }
+    lineage = {"lmcycle": {"stage": STAGE, "task": cfg.task, "step": result.step, "inputs": inputs}}
+    out = paths.finetune / "hf"
+    if cfg.task == "classification":
+        export_hf_classifier(
+            model.transformer, model.score.weight, task.data["labels"], init_dir, out, card=card, extra_config=lineage
+        )
+        return
+    card["description"] += " Chat format: the tokenizer's chat template (`tokenizer.apply_chat_template`)."
+    export_hf(model, init_dir, out, card=card, extra_config=lineage)
+    stop_at_end_of_turn(out, tokenizer)
+
+
+def stop_at_end_of_turn(directory: Path, tokenizer) -> None:
+    """A chat model's generation stops at the end-of-turn marker as well as at EOS."""
+    from lmcore.tokenizer import END
+
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    path = directory / "generation_config.json"
+    if end_id is None or end_id == tokenizer.unk_token_id or not path.is_file():
+        return
+    gen = json.loads(path.read_text(encoding="utf-8"))
+    eos = gen.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    gen["eos_token_id"] = eos + [end_id] if end_id not in eos else eos
+    atomic_write_text(path, json.dumps(gen, indent=2, sort_keys=True) + "\n")
