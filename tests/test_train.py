@@ -1,0 +1,284 @@
+"""The training loop in-process: schedules, AdamW groups, checkpoints (atomic, verified, set aside), exact resume
+with dropout, the metric definitions, on the real token shards of the tiny data workspace."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmcore.config import TrainConfig
+from lmcore.data.shards import TokenShards
+from lmcore.errors import CheckpointError
+from lmcore.metrics import bits_per_byte, count_batches, evaluate_lm
+from lmcore.model import ModelConfig, Transformer
+from lmcore.train import checkpoint as ckpt
+from lmcore.train.distributed import DistEnv
+from lmcore.train.loop import TrainCallback, TrainingError, train, weights_digest
+from lmcore.train.optim import build_optimizer, lr_at, param_groups
+from lmcore.train.runtime import rng_state, seed_everything, set_rng_state
+
+TINY = dict(n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, context_length=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is many times faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- schedules and optimizer ---------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4)
+
+
+def test_wsd_schedule_holds_then_decays_linearly() -> None:
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert [lr_at(s, cfg) for s in (10, 50, 79)] == [1e-3] * 3
+    assert lr_at(89, cfg) == pytest.approx(0.5e-3)
+    assert lr_at(99, cfg) == pytest.approx(0.0)
+
+
+def test_constant_schedule() -> None:
+    cfg = TrainConfig(steps=50, lr=3e-4, warmup_steps=0, schedule="constant")
+    assert {lr_at(s, cfg) for s in range(50)} == {3e-4}
+
+
+def test_weight_decay_only_on_matrices_and_tied_weights_once() -> None:
+    model = Transformer(ModelConfig(vocab_size=512, **TINY))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for group in (decay, no_decay) for p in group["params"]
+    )
+    optimizer = build_optimizer(model, TrainConfig(), "cpu")
+    assert optimizer.defaults.get("fused") is True  # the fused CPU kernel of torch ≥ 2.4
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:
+    seed_everything(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (np.random.rand(3), torch.rand(3), __import__("random").random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (np.random.rand(3), torch.rand(3), __import__("random").random())
+    assert np.array_equal(expected[0], got[0]) and torch.equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def write(root: Path, step: int, fp: str = "fp-a") -> Path:
+    weights = {"w": torch.full((4, 4), float(step))}
+    return ckpt.write_checkpoint(root, step, weights, {"optimizer": {}}, {"train": [], "val": []}, {"fingerprint": fp})
+
+
+def test_checkpoint_is_verified_and_newest_wins(tmp_path: Path) -> None:
+    for step in (10, 20):
+        write(tmp_path, step)
+    (tmp_path / ".tmp-step_0000030-123").mkdir()  # a write interrupted by a crash
+    found = ckpt.find_resumable(tmp_path, "fp-a")
+    assert found.path.name == "step_0000020" and found.meta["step"] == 20
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert torch.equal(ckpt.load_weights(found.path)["w"], torch.full((4, 4), 20.0))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_meta", "bad_meta"])
+def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path: Path, damage: str) -> None:
+    write(tmp_path, 10)
+    newest = write(tmp_path, 20)
+    weights = newest / ckpt.MODEL_FILE
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:50])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "no_meta":
+        (newest / ckpt.META_FILE).unlink()
+    else:
+        (newest / ckpt.META_FILE).write_text("{not json")
+    found = ckpt.find_resumable(tmp_path, "fp-a")
+    assert found.path.name == "step_0000010"
+    assert (tmp_path / ckpt.CORRUPT_DIR / "step_0000020").is_dir()  # kept for inspection, never resumed
+    assert ckpt.find_resumable(tmp_path, "fp-a").path.name == "step_0000010"
+
+
+def test_only_corrupt_checkpoints_means_a_fresh_start(tmp_path: Path) -> None:
+    path = write(tmp_path, 10)
+    (path / ckpt.MODEL_FILE).write_bytes(b"garbage")
+    assert ckpt.find_resumable(tmp_path, "fp-a") is None
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ckpt.load_weights(tmp_path / ckpt.CORRUPT_DIR / "step_0000010")
+
+
+def test_other_fingerprints_are_set_aside_and_come_back(tmp_path: Path) -> None:
+    write(tmp_path, 10, fp="fp-a")
+    write(tmp_path, 20, fp="fp-a")
+    assert ckpt.find_resumable(tmp_path, "fp-b") is None
+    assert not list(tmp_path.glob("step_*"))
+    assert [p.name for p in (tmp_path / ckpt.STALE_DIR / "fp-a").iterdir()] == ["step_0000020"]  # newest only
+    assert ckpt.find_resumable(tmp_path, "fp-a").path == tmp_path / "step_0000020"
+
+
+def test_prune_keeps_the_newest(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4):
+        write(tmp_path, step)
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003", "step_0000004"]
+
+
+def test_meta_records_file_hashes(tmp_path: Path) -> None:
+    meta = json.loads((write(tmp_path, 5) / ckpt.META_FILE).read_text())
+    assert meta["step"] == 5 and set(meta["files"]) == {ckpt.MODEL_FILE, ckpt.TRAINER_FILE, ckpt.HISTORY_FILE}
+    assert ckpt.verify(tmp_path / "step_0000005")["fingerprint"] == "fp-a"
+
+
+# --- the loop on real shards ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(data_workspace: Path) -> tuple[TokenShards, TokenShards]:
+    tokens = data_workspace / "data" / "tokens"
+    return TokenShards(tokens / "train"), TokenShards(tokens / "val")
+
+
+class Crash(TrainCallback):
+    """Raises right after the checkpoint of `at` is written: a process dying between two steps."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if step == self.at:
+            raise RuntimeError(f"crash after step {step}")
+
+
+def run_loop(shards, checkpoint_dir: Path | None, callbacks=(), dropout: float = 0.1, **overrides):
+    train_shards, val_shards = shards
+    cfg = TrainConfig(
+        **{
+            "steps": 12,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 3,
+            "eval_every": 6,
+            "eval_max_batches": 4,
+            "checkpoint_every": 4,
+            "device": "cpu",
+            **overrides,
+        }
+    )
+    seed_everything(7)
+    model = Transformer(ModelConfig(vocab_size=train_shards.vocab_size, dropout=dropout, **TINY))
+
+    def batch_fn(index: int) -> dict[str, torch.Tensor]:
+        x, y = train_shards.batch(index, cfg.batch_size, TINY["context_length"], seed=7)
+        return {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y)}
+
+    def evaluate_fn(m):
+        return evaluate_lm(m, val_shards, TINY["context_length"], cfg.batch_size, cfg.eval_max_batches)
+
+    result = train(
+        model,
+        batch_fn,
+        cfg,
+        env=DistEnv(),
+        seed=7,
+        evaluate_fn=evaluate_fn,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint="test",
+        callbacks=callbacks,
+    )
+    return model, result
+
+
+def test_resume_after_a_crash_is_bit_identical_with_dropout(shards, tmp_path: Path) -> None:
+    straight, expected = run_loop(shards, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="crash after step 8"):
+        run_loop(shards, tmp_path / "b", callbacks=[Crash(8)])
+    resumed, result = run_loop(shards, tmp_path / "b")
+    assert result.resumed_from == 8
+    assert weights_digest(resumed.state_dict()) == weights_digest(straight.state_dict())
+    assert result.history == expected.history  # the logged series, losses to the last bit, continue seamlessly
+    assert result.tokens_seen == expected.tokens_seen == 12 * 2 * 4 * TINY["context_length"]
+    assert [row["step"] for row in result.history["val"]] == [6, 12]
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_0000008", "step_0000012"]
+
+
+def test_two_runs_are_bit_identical_and_dropout_changes_them(shards) -> None:
+    a, _ = run_loop(shards, None, steps=4)
+    b, _ = run_loop(shards, None, steps=4)
+    c, _ = run_loop(shards, None, steps=4, dropout=0.0)
+    assert weights_digest(a.state_dict()) == weights_digest(b.state_dict())
+    assert weights_digest(a.state_dict()) != weights_digest(c.state_dict())
+
+
+def test_training_lowers_the_loss_and_logs_grad_norms(shards) -> None:
+    _, result = run_loop(shards, None, steps=30, eval_every=30, dropout=0.0)
+    train_rows = result.history["train"]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3
+    assert all(row["grad_norm"] > 0 and math.isfinite(row["grad_norm"]) for row in train_rows)
+    assert result.val["loss"] < math.log(shards[0].vocab_size)
+
+
+def test_non_finite_loss_stops_before_the_weights_change(shards, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"non-finite .* at step \d+ .*lower train\.lr") as err:
+        run_loop(shards, tmp_path, lr=1e4, warmup_steps=2, checkpoint_every=1, dropout=0.0)
+    bad_step = int(str(err.value).split(" at step ")[1].split()[0])
+    assert bad_step > 1
+    last = ckpt.find_resumable(tmp_path, "test")
+    assert last.meta["step"] == bad_step - 1
+    assert all(torch.isfinite(t).all() for t in ckpt.load_weights(last.path).values())
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+
+def test_bpb_scores_every_val_token_once(shards) -> None:
+    _, val = shards
+    seed_everything(1)
+    model = Transformer(ModelConfig(vocab_size=val.vocab_size, **TINY)).eval()
+    with torch.no_grad():
+        metrics = evaluate_lm(model, val, TINY["context_length"], batch_size=64)
+        assert metrics["tokens"] == val.num_tokens - 1
+        assert metrics["bpb"] == pytest.approx(bits_per_byte(metrics["loss"] * metrics["tokens"], val.utf8_bytes))
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+        # by hand, the first window: the same per-token losses the metric sums
+        x, y = next(val.sequential_windows(TINY["context_length"], 1))
+        by_hand = model.token_losses(torch.from_numpy(x), torch.from_numpy(y)).double().sum().item()
+        first = evaluate_lm(model, val, TINY["context_length"], batch_size=1, max_batches=1)
+    assert first["tokens"] == TINY["context_length"]
+    assert first["loss"] * first["tokens"] == pytest.approx(by_hand)
+    # a partial evaluation prorates the bytes by the share of targets scored
+    share = first["tokens"] / (val.num_tokens - 1)
+    assert first["bpb"] == pytest.approx(bits_per_byte(by_hand, val.utf8_bytes * share))
+
+
+def test_a_batch_larger_than_the_val_split_scores_it_all_in_one_batch(shards) -> None:
+    _, val = shards
+    context = 512
+    windows = (val.num_tokens - 1) // context
+    batch_size = windows + 50
+    assert count_batches(val.num_tokens, context, batch_size) <= 2  # the full windows, then the tail
+    seed_everything(1)
+    model = Transformer(ModelConfig(vocab_size=val.vocab_size, **{**TINY, "context_length": context})).eval()
+    with torch.no_grad():
+        metrics = evaluate_lm(model, val, context, batch_size=batch_size)
+    assert metrics["tokens"] == val.num_tokens - 1
