@@ -33,11 +33,12 @@ class Reporter:
         pass
 
 
-_current: ContextVar[Reporter] = ContextVar("lmcycle_reporter", default=Reporter())
+_NULL = Reporter()
+_current: ContextVar[Reporter | None] = ContextVar("lmcycle_reporter", default=None)
 
 
 def reporter() -> Reporter:
-    return _current.get()
+    return _current.get() or _NULL
 
 
 @contextlib.contextmanager
