@@ -59,12 +59,18 @@ def print_summary(title: str, summary: dict) -> None:
 
 
 def run_stage(name: str, params: Path = Path("params.yaml"), workspace: Path = Path(".")) -> dict:
+    """Run one stage, tracked as an MLflow run (a child of the flow's run when one is given; LMCYCLE_TRACKING=off
+    skips tracking and never imports mlflow)."""
     from lmcore.config import load_config
     from lmcore.paths import Paths
+    from lmcore.reporting import use_reporter
+    from lmcore.tracking import stage_run
 
     config = load_config(params)
+    paths = Paths.of(workspace)
     module = importlib.import_module(f"lmcore.stages.{name}")
-    return module.run(config, Paths.of(workspace))
+    with stage_run(name, config, paths) as rep, use_reporter(rep):
+        return module.run(config, paths)
 
 
 @app.callback()
@@ -90,28 +96,258 @@ def stage(
 @app.command()
 def run(
     set_: Annotated[list[str] | None, typer.Option("-S", "--set", help="override section.key=value")] = None,
-    until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
-    force: Annotated[list[str] | None, typer.Option(help="rerun this stage even if up to date")] = None,
-    params: Annotated[Path, typer.Option(help="params file")] = Path("params.yaml"),
+    until: Annotated[str | None, typer.Option(help="stop after this stage (and the stages it needs)")] = None,
+    force: Annotated[list[str] | None, typer.Option(help="rerun this stage even if DVC finds it up to date")] = None,
+    register: Annotated[bool, typer.Option(help="register the model and apply the promotion gate")] = True,
+    workspace: Annotated[Path, typer.Option(help="the workspace (DVC repository) to run in")] = Path("."),
 ) -> None:
-    """Validate and write overrides into params.yaml, then reproduce the stage graph."""
-    import subprocess
+    """Run the lifecycle: write overrides into params.yaml, then the Prefect flow `lm-lifecycle` over the DVC
+    stages, MLflow tracking, and registration with the promotion gate."""
+    from lmcore.config import apply_overrides, load_config
+    from lmcore.tracking import check_tracking, tracking_enabled, tracking_uri
+    from lmcore.workspace import workspace_lock
 
-    from lmcore.config import apply_overrides
-
+    root = workspace.resolve()
     try:
-        apply_overrides(set_ or [], params)
+        config = load_config(root / "params.yaml")
+        _check_stage_names(root, until, force or [])
+        with workspace_lock(root, config.flow.lock_timeout_s):
+            apply_overrides(set_ or [], root / "params.yaml")
+            if tracking_enabled():
+                check_tracking(tracking_uri(root))
+            from flows.lifecycle import lifecycle
+
+            state = lifecycle(
+                workspace=str(root),
+                until=until,
+                force=force or [],
+                overrides=set_ or [],
+                register_model=register,
+                return_state=True,
+            )
     except LmcycleError as err:
         raise fail(str(err)) from None
-    targets = STAGES[: STAGES.index(until) + 1] if until else []
-    if until and until not in STAGES:
-        raise fail(f"--until: unknown stage {until!r}", 2)
-    for name in force or []:
-        code = subprocess.call(["dvc", "repro", "--force", "--single-item", name])
-        if code:
-            raise typer.Exit(code)
-    code = subprocess.call(["dvc", "repro", *targets[-1:]])
-    raise typer.Exit(code)
+    if not state.is_completed():
+        raise fail(_state_error(state))
+    report = state.result()
+    rows = {s["name"]: f"{s['state']} ({s['seconds']:.1f} s)" for s in report["stages"]}
+    reg = report.get("registration") or {}
+    if reg.get("skipped"):
+        rows["register"] = f"skipped: {reg['skipped']}"
+    elif reg:
+        reused = " (reused: same dvc.lock)" if reg.get("reused") else ""
+        rows["register"] = f"{reg['uri']}{reused}: {reg['decision']}, {reg['reason']}"
+    print_summary("lm-lifecycle", rows)
+
+
+def _check_stage_names(root: Path, until: str | None, force: list[str]) -> None:
+    """Fail before anything starts when --until/--force name no dvc.yaml stage (foreach stages: NAME@KEY)."""
+    from lmcore.workspace import dvc_stages
+
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        raise LmcycleError(f"{root}: not a workspace (needs dvc.yaml in a DVC repository: git init && dvc init)")
+    names = list(dvc_stages(root))
+    for option, name in [("--until", until), *(("--force", f) for f in force)]:
+        if name and name.split("@")[0] not in names:
+            raise LmcycleError(f"{option}: unknown stage {name!r}; stages in dvc.yaml: {', '.join(names)}")
+
+
+def _state_error(state) -> str:
+    """One line for a failed flow run: the innermost lmcycle error when there is one."""
+    try:
+        state.result()
+    except LmcycleError as err:
+        return str(err)
+    except BaseException as err:  # noqa: BLE001 (report whatever ended the run)
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return state.message or state.name
+
+
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option(help="cron schedule (default: params flow.cron)")] = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "local",
+    set_: Annotated[list[str] | None, typer.Option("-S", "--set", help="override applied by every run")] = None,
+    start_server: Annotated[
+        bool, typer.Option(help="start a local `prefect server` (on 127.0.0.1) for as long as this runs")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="at most this many concurrent runs")] = 1,
+    workspace: Annotated[Path, typer.Option(help="the workspace (DVC repository) to run in")] = Path("."),
+) -> None:
+    """Schedule the lifecycle on this machine. Needs a Prefect server (PREFECT_API_URL, or --start-server):
+    the ephemeral API that `lmcycle run` uses cannot schedule."""
+    from flows.deploy import serve_lifecycle
+    from lmcore.config import load_config
+
+    root = workspace.resolve()
+    try:
+        config = load_config(root / "params.yaml")
+        parameters = {"workspace": str(root), "overrides": list(set_ or [])}
+        serve_lifecycle(root, cron or config.flow.cron, name, parameters, start=start_server, limit=limit)
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+
+
+@app.command(name="register")
+def register_(
+    workspace: Annotated[Path, typer.Option(help="the workspace (DVC repository)")] = Path("."),
+) -> None:
+    """Register the workspace's model in MLflow and apply the promotion gate (the flow's last task)."""
+    from lmcore.config import load_config
+    from lmcore.paths import Paths
+    from lmcore.registry import register_model
+
+    try:
+        paths = Paths.of(workspace)
+        result = register_model(paths, load_config(paths.root / "params.yaml"))
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+    print_summary(f"register {result.uri}", result.as_dict())
+
+
+models_app = typer.Typer(help="The registry: list versions, promote one, roll the champion back.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _registry_client():
+    from lmcore.registry import client_for
+
+    return client_for(Path("."))
+
+
+@models_app.command("list")
+def models_list(name: Annotated[str | None, typer.Argument(help="registered model (default: all)")] = None) -> None:
+    """Every registered version with its aliases, gate metric and decision."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmcore.registry import list_models
+
+    try:
+        rows = list_models(_registry_client(), name)
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+    columns = ("name", "version", "aliases", "metric", "value", "decision", "git")
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row[k]) for k in columns))
+    console = Console()
+    console.width = max(console.width, 160)  # never truncate names when piped
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(name: str, version: str) -> None:
+    """Give the champion alias to NAME VERSION by hand (recorded on the version)."""
+    from lmcore.config import load_config
+    from lmcore.registry import promote
+
+    try:
+        promote(_registry_client(), name, version, _champion_alias(load_config))
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+    typer.echo(f"models:/{name}@{_champion_alias(load_config)} -> version {version}")
+
+
+@models_app.command("rollback")
+def models_rollback(name: str) -> None:
+    """Give the champion alias back to the previous champion."""
+    from lmcore.config import load_config
+    from lmcore.registry import rollback
+
+    alias = _champion_alias(load_config)
+    try:
+        version = rollback(_registry_client(), name, alias)
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+    typer.echo(f"models:/{name}@{alias} -> version {version}")
+
+
+def _champion_alias(load_config) -> str:
+    try:
+        return load_config("params.yaml").register.champion_alias
+    except LmcycleError:
+        return "champion"
+
+
+@app.command()
+def reproduce(
+    uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION (or @ALIAS)")],
+    run_: Annotated[bool, typer.Option("--run", help="rebuild it in a fresh git worktree and compare weights")] = False,
+    directory: Annotated[Path | None, typer.Option("--dir", help="where to rebuild (default: a new temp dir)")] = None,
+) -> None:
+    """Print the steps that rebuild a registered version (git commit, params, dvc repro without the run cache)."""
+    import tempfile
+
+    import yaml
+
+    from lmcore.registry import rebuild, recipe
+
+    try:
+        rec = recipe(_registry_client(), uri)
+        target = directory or Path(tempfile.mkdtemp(prefix="lmcycle-reproduce-")) / "worktree"
+        typer.echo(f"# {uri}: git {rec.commit}{' (built from a DIRTY workspace)' if rec.dirty else ''}")
+        for line in rec.steps(str(target)):
+            typer.echo(line)
+        typer.echo("# params.yaml:")
+        typer.echo("\n".join(f"#   {line}" for line in yaml.safe_dump(rec.params, sort_keys=False).splitlines()))
+        if rec.dirty:
+            typer.echo("warning: the workspace was dirty; only its params are restored, not uncommitted code", err=True)
+        if not run_:
+            return
+        identical, digest = rebuild(Path(".").resolve(), rec, target)
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+    typer.echo(f"rebuilt in {target}: weights sha256 {digest}")
+    if not identical:
+        raise fail(f"weights differ from {uri} (registered {rec.weights_sha256})")
+    typer.echo("bit-identical: yes")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="an exported model directory (Hugging Face format) or models:/NAME@ALIAS")],
+    prompt: Annotated[str, typer.Option(help="the text to continue (with --chat: the user's message)")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="0 = off")] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling; 1 = off")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="1 = off")] = 1.0,
+    num_samples: Annotated[int, typer.Option(min=1)] = 1,
+    seed: Annotated[int | None, typer.Option(help="reproducible sampling")] = None,
+    chat: Annotated[bool, typer.Option(help="apply the chat template and stop at the end of the turn")] = False,
+) -> None:
+    """Sample from a model with its KV cache, streaming the text to the terminal."""
+    from lmcore.generate import SamplingConfig, generate_text, load_model
+
+    try:
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            num_samples=num_samples,
+            seed=seed,
+        )
+        transformer, tokenizer = load_model(model)
+    except (LmcycleError, ValueError) as err:
+        raise fail(str(err)) from None
+
+    def show(sample: int, piece: str) -> None:  # one sample streams as it comes; several print when done
+        if num_samples == 1:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    if num_samples == 1 and not chat:
+        typer.echo(prompt, nl=False)
+    texts = generate_text(transformer, tokenizer, prompt, cfg, chat=chat, on_text=show)
+    if num_samples == 1:
+        typer.echo()
+        return
+    for i, text in enumerate(texts, 1):
+        typer.echo(f"--- sample {i} ---")
+        typer.echo(text if chat else prompt + text)
 
 
 if __name__ == "__main__":  # pragma: no cover

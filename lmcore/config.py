@@ -41,18 +41,23 @@ class ProjectConfig(Section):
 
 
 class SourceConfig(Section):
-    """One input. `uri` is a path/dir/glob, `package:DIST/path`, `hf:name[:config]`, or an fsspec URL."""
+    """One input (see lmcore/data/sources.py and records.py for what each option does).
+
+    `uri` is a path/dir/glob, `package:DIST/path`, `hf:name[:config]`, or an fsspec URL. `split` and `data_files`
+    are passed to `datasets.load_dataset` for hf: sources. `group_by` (pretrain only) joins consecutive records
+    with equal values of these fields into one document.
+    """
 
     uri: str
     format: Literal["auto", "text", "markdown", "jsonl", "json", "csv", "parquet", "conversations"] = "auto"
     text_field: str = "text"
     group_by: list[str] = Field(default_factory=list)
     split: str = "train"
-    label_field: str | None = None
+    data_files: list[str] = Field(default_factory=list)
+    label_field: str = "label"
     messages_field: str = "messages"
     prompt_field: str = "prompt"
     response_field: str = "response"
-    language: str | None = None
 
 
 class DataConfig(Section):
@@ -99,9 +104,9 @@ class TokenizerConfig(Section):
 
 
 class TokenizeConfig(Section):
-    shard_tokens: int = Field(50_000_000, ge=1_000)
-    batch_size: int = Field(1_000, ge=1)
-    num_workers: int = Field(0, ge=0, description="0 = all cores")
+    shard_tokens: int = Field(50_000_000, ge=1_000, description="tokens per shard file")
+    batch_size: int = Field(1_000, ge=1, description="documents per encode call (at most 128 KiB of text per thread)")
+    num_workers: int = Field(0, ge=0, description="tokenizer threads; 0 = all cores")
 
 
 # --- model / pretrain ----------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ class TrainConfig(Section):
     """Shared by pretrain and finetune: a fixed number of optimizer steps, never a time budget."""
 
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch, all processes together")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -149,20 +154,28 @@ class TrainConfig(Section):
 
 
 class PretrainConfig(TrainConfig):
-    init_from: str | None = None
+    init_from: str | None = Field(None, description="a Hugging Face Llama directory to continue pretraining from")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: replicate (ddp) or shard (fsdp)")
 
 
 class LoraConfig(Section):
-    r: int = Field(0, ge=0)
+    r: int = Field(0, ge=0, description="0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft)")
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="lmcore names (qkv, proj, gate_up, down) or their Llama names (q_proj … down_proj)",
+    )
 
 
 class FinetuneConfig(TrainConfig):
     task: Literal["sft", "classification"] = "sft"
-    init_from: str = "models/pretrain/hf"
-    max_length: int = Field(256, ge=8)
+    init_from: str = Field("models/pretrain/hf", description="a Hugging Face Llama directory to start from")
+    tokenizer: str | None = Field(
+        "models/tokenizer",
+        description="must equal the tokenizer inside init_from; null = the model's own (a model you bring)",
+    )
+    max_length: int = Field(256, ge=8, description="tokens per example (capped at the model's context length)")
     packing: bool = False
     text_field: str = "text"
     label_field: str = "label"
@@ -193,19 +206,36 @@ class EvaluateConfig(Section):
 
 
 class RegisterConfig(Section):
-    gate_metric: str = "pretrain.val_bpb"
-    direction: Literal["minimize", "maximize"] = "minimize"
-    min_improvement: float = Field(0.0, ge=0.0)
-    challenger_alias: str = "challenger"
-    champion_alias: str = "champion"
+    """The promotion gate: a new version takes the champion alias only if it beats the champion on this metric."""
+
+    gate_metric: str = Field(
+        "auto",
+        description="a key of reports/evaluate.json (e.g. sft.loss); auto: the registered model's own held-out "
+        "score (classification.macro_f1, sft.loss, or pretrain.val_bpb before a fine-tune exists)",
+    )
+    direction: Literal["auto", "minimize", "maximize"] = Field(
+        "auto", description="auto: minimize losses, bits-per-byte and perplexities, maximize everything else"
+    )
+    min_improvement: float = Field(0.0, ge=0.0, description="the challenger must be better by more than this")
+    challenger_alias: str = Field("challenger", min_length=1)
+    champion_alias: str = Field("champion", min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> RegisterConfig:
+        if self.challenger_alias == self.champion_alias:
+            raise ValueError("challenger_alias and champion_alias must differ")
+        return self
 
 
 class FlowConfig(Section):
-    retries: int = Field(1, ge=0)
+    """How the Prefect flow drives the stages (none of these change what a stage computes)."""
+
+    retries: int = Field(1, ge=0, description="retries of a failed stage (a retried trainer resumes its checkpoint)")
     retry_delay_s: float = Field(5.0, ge=0.0)
-    stage_timeout_s: float = Field(3600.0, gt=0.0)
+    stage_timeout_s: float = Field(3600.0, gt=0.0, description="a stage running longer is stopped (and retried)")
+    kill_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM, then SIGKILL after this many seconds")
     lock_timeout_s: float = Field(0.0, ge=0.0, description="how long a second run waits for the workspace lock")
-    cron: str = "0 3 * * *"
+    cron: str = Field("0 3 * * *", description="the schedule of `lmcycle serve` (prefect.yaml has its own)")
 
 
 with warnings.catch_warnings():
@@ -307,7 +337,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

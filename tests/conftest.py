@@ -163,3 +163,152 @@ def lmcycle(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     if check and proc.returncode != 0:
         raise AssertionError(f"lmcycle {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def kjv_splits(tmp_path_factory: pytest.TempPathFactory, kjv_slice: Path) -> Path:
+    """A workspace root holding data/ingest/pretrain/{train,val}.jsonl made from the KJV slice without the ingest
+    stage: one record {"id", "source", "text"} per chapter (verses joined by spaces), every tenth chapter in val."""
+    root = tmp_path_factory.mktemp("kjv_splits")
+    chapters: dict[str, list[str]] = {}
+    with kjv_slice.open(encoding="utf-8") as src:
+        for line in src:
+            rec = json.loads(line)
+            chapters.setdefault(f"{rec['book']} {rec['chapter']}", []).append(rec["text"])
+    out = root / "data" / "ingest" / "pretrain"
+    out.mkdir(parents=True)
+    files = {split: (out / f"{split}.jsonl").open("w", encoding="utf-8") for split in ("train", "val")}
+    for i, (name, verses) in enumerate(chapters.items()):
+        record = {"id": name, "source": "kjv", "text": " ".join(verses)}
+        files["val" if i % 10 == 9 else "train"].write(json.dumps(record, ensure_ascii=False) + "\n")
+    for f in files.values():
+        f.close()
+    return root
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_sft_splits(root: Path, chatter: Path) -> None:
+    """data/ingest/sft/{train,val}.jsonl from chatterbot topic files without the ingest stage: turns alternate
+    user/assistant, every tenth conversation is held out."""
+    rows = []
+    for path in sorted(chatter.glob("*.yml")):
+        for i, turns in enumerate(yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]):
+            roles = ["user", "assistant"]
+            messages = [{"role": roles[j % 2], "content": str(t)} for j, t in enumerate(turns)]
+            rows.append({"id": f"{path.stem}-{i}", "source": path.name, "messages": messages})
+    out = root / "data" / "ingest" / "sft"
+    write_jsonl(out / "train.jsonl", [r for i, r in enumerate(rows) if i % 10 != 9])
+    write_jsonl(out / "val.jsonl", [r for i, r in enumerate(rows) if i % 10 == 9])
+
+
+def testament_rows(per_class: int) -> list[dict]:
+    """Real KJV verses labelled by testament from the `book` field: `per_class` verses of each, spread evenly over
+    the Old (Genesis … Malachi) and New (Matthew … Revelation) Testaments, interleaved."""
+    verses: dict[str, list[dict]] = {"old": [], "new": []}
+    testament = "old"
+    with KJV.open(encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["book"] == "Matthew":
+                testament = "new"
+            verses[testament].append({"id": rec["citation"], "source": "kjv", "text": rec["text"], "label": testament})
+    picked = {k: v[:: max(1, len(v) // per_class)][:per_class] for k, v in verses.items()}
+    return [row for pair in zip(picked["old"], picked["new"], strict=True) for row in pair]
+
+
+def write_testament_splits(root: Path, per_class: int = 400) -> None:
+    """data/ingest/classification/{train,val}.jsonl: the testament set, every fifth verse held out."""
+    rows = testament_rows(per_class)
+    out = root / "data" / "ingest" / "classification"
+    write_jsonl(out / "train.jsonl", [r for i, r in enumerate(rows) if i % 5 != 4])
+    write_jsonl(out / "val.jsonl", [r for i, r in enumerate(rows) if i % 5 == 4])
+
+
+@pytest.fixture(scope="session")
+def pretrained_workspace(tmp_path_factory: pytest.TempPathFactory, kjv_splits: Path, chatter_slice: Path) -> Path:
+    """A workspace (no git/DVC) after tokenizer → tokenize → pretrain on the tiny params, with SFT and
+    KJV-testament classification splits in data/ingest. Built once; copy it (`copy_workspace`) before changing it."""
+    root = make_workspace(
+        tmp_path_factory.mktemp("pretrained") / "ws",
+        tiny_params(KJV, chatter_slice, pretrain={"steps": 60, "eval_every": 30, "checkpoint_every": 30}),
+        dvc=False,
+    )
+    shutil.copytree(kjv_splits / "data" / "ingest" / "pretrain", root / "data" / "ingest" / "pretrain")
+    write_sft_splits(root, chatter_slice)
+    write_testament_splits(root)
+    for stage in ("tokenizer", "tokenize", "pretrain"):
+        lmcycle("stage", stage, cwd=root)
+    return root
+
+
+def copy_workspace(source: Path, dest: Path, **sections: dict) -> Path:
+    """A private copy of a workspace (checkpoints left behind), with params sections overridden."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints", "__pycache__"))
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(deep_update(params, sections), sort_keys=False))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def data_workspace(tmp_path_factory: pytest.TempPathFactory, kjv_slice: Path, chatter_slice: Path) -> Path:
+    """A git + DVC workspace on the tiny params after `dvc repro tokenize`: the real ingest → tokenizer → tokenize
+    stages on the KJV slice, recorded in dvc.lock. Built once (MLflow tracking off); copy it with `copy_workspace`
+    before changing it."""
+    root = make_workspace(tmp_path_factory.mktemp("data") / "ws", tiny_params(kjv_slice, chatter_slice))
+    env = {**os.environ, "LMCYCLE_TRACKING": "off"}
+    proc = subprocess.run(["dvc", "repro", "tokenize"], cwd=root, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"dvc repro tokenize failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real `prefect server start` on 127.0.0.1 for the whole session (~20 s to start), stopped by PID at the
+    end; its API URL. Tests hand it to the processes they start (PREFECT_API_URL), so flows skip the ephemeral
+    server's start-up."""
+    from flows.deploy import start_server, stop_process
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    proc, url = start_server(home=home, log=home / "server.log")
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, kjv_slice: Path) -> Path:
+    """lmcycle's tokenizer (byte-level BPE, 512 tokens, special tokens, chat template) trained on the KJV slice."""
+    from lmcore.config import TokenizerConfig
+    from lmcore.tokenizer import iter_texts, save_tokenizer, train_tokenizer
+
+    cfg = TokenizerConfig(vocab_size=512)
+    return save_tokenizer(train_tokenizer(iter_texts(kjv_slice), cfg), tmp_path_factory.mktemp("tok") / "tok", cfg)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A small random lmcore Transformer (GQA, tied embeddings) whose next-token distributions are peaked
+    (init_std 0.3), so greedy decoding has clear winners and is comparable across libraries."""
+    import torch
+
+    from lmcore.model import ModelConfig, Transformer
+
+    values = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, context_length=64)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**(values | {"init_std": 0.3} | overrides))).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """tiny_model() exported with `lmcore.export.export_hf` as a Hugging Face Llama directory."""
+    from lmcore.export import export_hf
+
+    out = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    card = {"data": ["KJV slice"], "metrics": {"val_loss": 6.1}, "params": {"steps": 0}}
+    return export_hf(tiny_model(), tiny_tokenizer_dir, out, card=card)

@@ -1,0 +1,163 @@
+"""What orchestration costs: `lmcycle run` against calling the same stage functions directly in one process.
+
+On a tiny configuration (the test suite's: a 300-chapter KJV slice, a few thousand-parameter model), measured in
+one run, each on a fresh copy of the same workspace:
+  direct     every stage's `run(config, paths)` in order, then registration, in this process (no DVC, no Prefect,
+             no stage tracking): the same work without orchestration
+  embedded   `lmcycle run` with Prefect's ephemeral API (PREFECT_API_URL unset): what a user gets by default
+  server     `lmcycle run` against a running `prefect server` (started before timing)
+  no-op      `lmcycle run` again on the embedded workspace, everything up to date
+The Prefect database is migrated and each workspace's MLflow database created before timing (steady state).
+Goals: overhead ≤ 30 s + 3 % embedded, ≤ 10 s + 3 % with a server; no-op rerun ≤ 20 s embedded.
+
+    python bench/orchestration.py [--keep]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this folder comes first on sys.path, where bench/tokenize.py shadows the standard library's
+# `tokenize`: take the folder off the path before anything else loads.
+if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import importlib
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+ENV = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def slices(base: Path) -> tuple[Path, Path]:
+    """The test suite's data: the first 300 KJV chapters and six chatterbot topic files."""
+    import json
+
+    import conftest
+
+    kjv = base / "kjv_slice.jsonl"
+    chapters: set = set()
+    with conftest.KJV.open(encoding="utf-8") as src, kjv.open("w", encoding="utf-8") as dst:
+        for line in src:
+            rec = json.loads(line)
+            chapters.add((rec["book"], rec["chapter"]))
+            if len(chapters) > 300:
+                break
+            dst.write(line)
+    chatter = base / "chatter"
+    chatter.mkdir()
+    for name in ["ai.yml", "greetings.yml", "computers.yml", "food.yml", "science.yml", "conversations.yml"]:
+        shutil.copy(conftest.CHATTERBOT_EN / name, chatter / name)
+    return kjv, chatter
+
+
+def workspace(base: Path, name: str, kjv: Path, chatter: Path) -> Path:
+    import conftest
+
+    return conftest.make_workspace(base / name, conftest.tiny_params(kjv, chatter))
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def direct(root: Path) -> float:
+    """The same work in this process: the stages' own functions in DVC's order, then registration."""
+    from flows.lifecycle import stage_graph
+
+    order, _ = stage_graph(root)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        started = time.perf_counter()
+        from lmcore.config import load_config
+        from lmcore.paths import Paths
+
+        config, paths = load_config(root / "params.yaml"), Paths.of(root)
+        for name in order:
+            importlib.import_module(f"lmcore.stages.{name}").run(config, paths)
+        from lmcore.registry import register_model
+
+        register_model(paths, config)
+        return time.perf_counter() - started
+    finally:
+        os.chdir(cwd)
+
+
+def create_mlflow_db(root: Path, env: dict[str, str]) -> None:
+    code = "from lmcore.tracking import connect; connect('.', 'lmcycle')"
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True)
+
+
+def verdict(overhead: float, base: float, fixed: float) -> str:
+    goal = fixed + 0.03 * base
+    return f"{overhead:6.1f} s  (goal ≤ {goal:.1f} s: {'met' if overhead <= goal else 'NOT met'})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the temporary workspaces")
+    args = parser.parse_args()
+    os.environ.update(ENV)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # every workspace, the direct one too, logs to its own sqlite db
+    base = Path(tempfile.mkdtemp(prefix="lmcycle-bench-orch-"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # each workspace logs to its own sqlite database (the default)
+    env["PREFECT_HOME"] = str(base / "prefect-home")
+    try:
+        kjv, chatter = slices(base)
+        roots = {name: workspace(base, name, kjv, chatter) for name in ("direct", "embedded", "server")}
+        subprocess.run(["prefect", "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
+        for name in ("direct", "embedded", "server"):
+            create_mlflow_db(roots[name], env)
+
+        t_direct = direct(roots["direct"])
+        t_embedded = timed(["lmcycle", "run"], roots["embedded"], env)
+        t_noop = timed(["lmcycle", "run"], roots["embedded"], env)
+
+        from flows.deploy import start_server, stop_process
+
+        proc, url = start_server(home=base / "prefect-server", log=base / "prefect-server.log")
+        try:
+            t_server = timed(["lmcycle", "run"], roots["server"], {**env, "PREFECT_API_URL": url})
+        finally:
+            stop_process(proc)
+    finally:
+        if args.keep:
+            print(f"workspaces kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    print(f"stages called directly, one process:      {t_direct:6.1f} s")
+    print(f"lmcycle run, embedded (ephemeral API):    {t_embedded:6.1f} s   ratio {t_embedded / t_direct:.2f}x")
+    print(f"lmcycle run, against a prefect server:    {t_server:6.1f} s   ratio {t_server / t_direct:.2f}x")
+    noop = "met" if t_noop <= 20 else "NOT met"
+    print(f"lmcycle run, no-op rerun (embedded):      {t_noop:6.1f} s   (goal ≤ 20 s: {noop})")
+    print(f"overhead embedded:                        {verdict(t_embedded - t_direct, t_direct, 30.0)}")
+    print(f"overhead with a server:                   {verdict(t_server - t_direct, t_direct, 10.0)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""What lmcycle knows about the workspace it runs in: its root, its lineage (git, dvc.lock) and its lock.
+
+The workspace is the DVC repository checkout. Two design choices live here:
+- `original_root` looks through DVC's temporary experiment copies (`dvc exp run --temp/--queue` run a stage in
+  `.dvc/tmp/exps/...`; DVC exports the parent repository as DVC_ROOT), so tracking stays anchored to the real
+  workspace wherever DVC runs a stage.
+- `workspace_lock` is an `fcntl` lock on `.lmcycle/lock`: the kernel drops it when its holder dies, so a crashed
+  run never leaves a stale lock behind. It is re-entrant within one process (the CLI takes it before writing
+  overrides, then the flow takes it again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmcore.errors import LmcycleError
+
+LOCK_FILE = Path(".lmcycle") / "lock"
+EXPS_TMP = (".dvc", "tmp", "exps")
+
+
+class LockTimeout(LmcycleError):
+    """Another lmcycle run holds the workspace lock."""
+
+
+# --- where -------------------------------------------------------------------------------------------------
+
+
+def original_root(path: str | Path = ".") -> Path:
+    """The workspace a stage belongs to, even when DVC runs it in a temporary experiment copy."""
+    path = Path(path).resolve()
+    parts = path.parts
+    for i in range(len(parts) - len(EXPS_TMP) + 1):
+        if parts[i : i + len(EXPS_TMP)] == EXPS_TMP:
+            return Path(*parts[:i])
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and os.environ.get("DVC_EXP_NAME"):
+        return Path(dvc_root).resolve()
+    return path
+
+
+def lmcycle_dir(root: Path) -> Path:
+    return Path(root) / ".lmcycle"
+
+
+# --- lineage -----------------------------------------------------------------------------------------------
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_commit(root: Path) -> str:
+    return _git(root, "rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty(root: Path) -> bool:
+    """True when tracked files differ from HEAD (untracked and DVC-ignored outputs do not count)."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return bool(status)
+
+
+def file_sha256(path: Path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_lock_hash(root: Path) -> str:
+    """The lineage of everything the stages produced: sha256 of dvc.lock ('none' before the first repro)."""
+    return file_sha256(Path(root) / "dvc.lock") or "none"
+
+
+def requirements_lock_path(root: Path) -> Path | None:
+    for candidate in (Path(root) / "requirements.lock", Path(__file__).resolve().parents[1] / "requirements.lock"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+_TEMPLATE = re.compile(r"\$\{\s*([A-Za-z0-9_.-]+)\s*\}")
+
+
+def dvc_stages(root: Path) -> dict[str, dict[str, Any]]:
+    """The `stages:` mapping of dvc.yaml, with `${section.key}` references to params.yaml filled in (DVC's own
+    templating for the common case; `foreach`/`matrix` stages are returned as written)."""
+    stages = read_yaml(Path(root) / "dvc.yaml").get("stages") or {}
+    params = read_yaml(Path(root) / "params.yaml")
+
+    def lookup(match: re.Match) -> str:
+        node: Any = params
+        for part in match.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return match.group(0)
+            node = node[part]
+        return str(node)
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, str):
+            return _TEMPLATE.sub(lookup, node)
+        if isinstance(node, list):
+            return [fill(item) for item in node]
+        if isinstance(node, dict):
+            return {fill(k): fill(v) for k, v in node.items()}
+        return node
+
+    return fill(stages)
+
+
+def entry_paths(entries: list[Any] | None) -> list[str]:
+    """Paths of dvc.yaml `deps`/`outs`/`metrics`/`plots` entries (plain strings or single-key mappings)."""
+    paths = []
+    for entry in entries or []:
+        if isinstance(entry, str):
+            paths.append(entry)
+        elif isinstance(entry, dict):
+            paths.extend(str(k) for k in entry)
+    return paths
+
+
+def stage_param_keys(stage: dict[str, Any]) -> list[str]:
+    """The params.yaml keys a dvc.yaml stage declares (`params: [data, tokenizer.vocab_size, {file: [k]}]`)."""
+    keys: list[str] = []
+    for entry in stage.get("params") or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):
+            for file, file_keys in entry.items():
+                if str(file).endswith("params.yaml"):
+                    keys.extend(file_keys or [])
+    return keys
+
+
+def dvc_lock_outs(root: Path) -> dict[str, dict[str, Any]]:
+    """Every output recorded in dvc.lock, by path: {'md5': ..., 'size': ..., 'nfiles': ..., 'stage': ...}."""
+    lock = read_yaml(Path(root) / "dvc.lock")
+    outs = {}
+    for stage_name, stage in (lock.get("stages") or {}).items():
+        for out in stage.get("outs") or []:
+            outs[out["path"]] = {**out, "stage": stage_name}
+    return outs
+
+
+def data_fingerprints(root: Path) -> dict[str, str]:
+    """DVC's hash of every stage output under data/ and models/ (the lineage of a model's data)."""
+    return {
+        path: str(out.get("md5") or out.get("hash") or "")
+        for path, out in dvc_lock_outs(root).items()
+        if path.split("/")[0] in {"data", "models"}
+    }
+
+
+def _cache_dir(root: Path) -> Path:
+    import configparser
+
+    cache = Path(root) / ".dvc" / "cache"
+    for name in ("config", "config.local"):
+        parser = configparser.ConfigParser()
+        with contextlib.suppress(configparser.Error, OSError):
+            parser.read(Path(root) / ".dvc" / name)
+            if parser.has_option("cache", "dir"):
+                cache = (Path(root) / ".dvc" / parser.get("cache", "dir").strip('"')).resolve()
+    return cache
+
+
+def dvc_hash(root: Path, path: str) -> str | None:
+    """DVC's hash of a stage output, or of a file/directory inside one, from dvc.lock and the cache manifests.
+
+    This is exactly the md5 `dvc repro` records for that path as a dependency, computed without hashing the data
+    again (dvc-data's own Tree digest over the output's `.dir` manifest).
+    """
+    outs = dvc_lock_outs(root)
+    if path in outs:
+        return outs[path].get("md5")
+    for out_path, out in outs.items():
+        md5 = str(out.get("md5") or "")
+        if not (path.startswith(out_path + "/") and md5.endswith(".dir")):
+            continue
+        manifest = _cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
+        if not manifest.is_file():
+            return None
+        entries = json.loads(manifest.read_text())
+        rel = path[len(out_path) + 1 :]
+        for entry in entries:
+            if entry["relpath"] == rel:
+                return entry["md5"]
+        inner = [{**e, "relpath": e["relpath"][len(rel) + 1 :]} for e in entries if e["relpath"].startswith(rel + "/")]
+        if not inner:
+            return None
+        from dvc_data.hashfile.tree import Tree
+
+        tree = Tree.from_list(inner)
+        tree.digest()
+        return tree.hash_info.value
+    return None
+
+
+# --- environment -------------------------------------------------------------------------------------------
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def environment(root: Path) -> dict[str, str]:
+    """What ran: versions, torch build, device and threads, and the hash of the install lock file.
+
+    torch is described only if the process already imported it (asking would cost seconds in light stages).
+    """
+    import lmcore
+
+    lock = requirements_lock_path(root)
+    env = {
+        "lmcycle": lmcore.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": _dist_version("torch"),
+        "requirements_lock_sha256": (file_sha256(lock) or "none") if lock else "none",
+        "cpu_count": str(os.cpu_count()),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        cuda = getattr(torch.version, "cuda", None)
+        env["torch"] = torch.__version__
+        env["torch_build"] = f"cuda {cuda}" if cuda else "cpu"
+        env["threads"] = str(torch.get_num_threads())
+        if torch.cuda.is_available():
+            env["device"] = f"cuda ({torch.cuda.get_device_name(0)}) x{torch.cuda.device_count()}"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            env["device"] = "mps"
+        else:
+            env["device"] = "cpu"
+    return env
+
+
+# --- lock --------------------------------------------------------------------------------------------------
+
+_held: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth) for re-entrance within a process
+
+
+def _holder(path: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads(path.read_text() or "{}")
+        return f"pid {info.get('pid')} since {info.get('since')}"
+    return "another process"
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, timeout_s: float = 0.0) -> Iterator[Path]:
+    """Hold the workspace lock: wait up to `timeout_s` for another run to finish, then fail with a clear message."""
+    path = (lmcycle_dir(root) / "lock").resolve()
+    key = str(path)
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        try:
+            yield path
+        finally:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth - 1)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise LockTimeout(
+                    f"{path}: another lmcycle run holds this workspace ({_holder(path)}); waited {timeout_s:g} s "
+                    "(flow.lock_timeout_s)"
+                ) from None
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    os.write(fd, json.dumps({"pid": os.getpid(), "since": since}).encode())
+    _held[key] = (fd, 1)
+    try:
+        yield path
+    finally:
+        del _held[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,308 @@
+"""The `lm-lifecycle` flow: stages through DVC in their own process groups, skipped stages, faults (a failing stage,
+a timeout, two runs at once, bad overrides, an unreachable tracking server), and end to end on the tiny
+workspace (MLflow runs, datasets, registration, a no-op rerun and a bit-identical rebuild of the registered model).
+
+Flows talk to one session-wide `prefect server` (the `prefect_api` fixture) instead of each starting an
+ephemeral one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import make_workspace, tiny_params
+
+from flows.lifecycle import group_alive, run_dvc_stage
+from lmcore.workspace import dvc_lock_hash, workspace_lock
+
+
+def synthetic_workspace(root: Path, kjv: Path, chatter: Path, stages: dict, **sections: dict) -> Path:
+    """A git + DVC workspace with valid lmcycle params and a dvc.yaml of small Python stages (fast, and able to
+    misbehave on purpose)."""
+    make_workspace(root, tiny_params(kjv, chatter, **sections))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    git = dict(cwd=root, check=True, capture_output=True)
+    subprocess.run(["git", "add", "-A"], **git)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "stages"], **git)
+    return root
+
+
+def script(root: Path, name: str, code: str) -> str:
+    (root / name).write_text(textwrap.dedent(code))
+    return f"python {name}"
+
+
+def run_cli(*args: str, cwd: Path, api: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    if api:
+        full_env["PREFECT_API_URL"] = api
+    return subprocess.run(["lmcycle", *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=900)
+
+
+def artifact(api: str, key: str) -> dict | None:
+    """The newest Prefect artifact with this key, straight from the server's REST API."""
+    body = json.dumps({"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).encode()
+    request = urllib.request.Request(f"{api}/artifacts/filter", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        found = json.loads(response.read())
+    return found[0] if found else None
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+# --- a stage in its own process group ----------------------------------------------------------------------
+
+STUBBORN_STAGE = """
+    import os, signal, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    def on_term(*_):  # what a trainer does on SIGTERM: save, then exit
+        open("terminated.txt", "w").write("checkpoint saved")
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    open("pids.txt", "w").write(f"{os.getpid()} {child.pid}")
+    time.sleep(600)
+"""
+
+
+def test_a_stage_timeout_stops_its_whole_process_tree(tmp_path, kjv_slice, chatter_slice):
+    root = tmp_path / "ws"
+    root.mkdir()
+    stages = {"slow": {"cmd": script(root, "slow.py", STUBBORN_STAGE), "outs": ["never.txt"]}}
+    synthetic_workspace(root, kjv_slice, chatter_slice, stages)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    result = None
+    while result is None or not (root / "pids.txt").exists():  # DVC's start-up varies: wait until it ran
+        assert time.monotonic() < deadline
+        result = run_dvc_stage("slow", root, timeout_s=8.0, grace_s=2.0, on_line=lines.append)
+    assert result.state == "timeout"
+    assert (root / "terminated.txt").read_text() == "checkpoint saved"  # the stage got SIGTERM (DVC would not)
+    pids = [int(p) for p in (root / "pids.txt").read_text().split()]
+    for pid in pids:  # the SIGTERM-ignoring grandchild was killed after the grace period
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not group_alive(pids[0])
+    # DVC left no stale lock: the next repro in this workspace works
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ok": {"cmd": "echo fine", "always_changed": True}}}))
+    assert run_dvc_stage("ok", root, on_line=lines.append).state == "ran"
+
+
+def test_a_terminated_flow_run_stops_the_running_stage_tree(tmp_path, kjv_slice, chatter_slice, prefect_api):
+    """What a cancelled deployment run gets (the worker sends SIGTERM): the stage tree goes too."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    stages = {"slow": {"cmd": script(root, "slow.py", STUBBORN_STAGE), "outs": ["never.txt"]}}
+    synthetic_workspace(root, kjv_slice, chatter_slice, stages, flow={"kill_grace_s": 2.0, "retries": 0})
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    run = subprocess.Popen(["lmcycle", "run"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (root / "pids.txt").exists():
+        assert run.poll() is None, run.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    out = run.communicate(timeout=120)[0].decode()
+    assert run.returncode != 0
+    assert (root / "terminated.txt").read_text() == "checkpoint saved", out[-3000:]
+    pids = [int(p) for p in (root / "pids.txt").read_text().split()]
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# --- faults through the CLI --------------------------------------------------------------------------------
+
+
+def test_a_failing_stage_fails_the_flow_after_its_retries_and_nothing_is_registered(
+    tmp_path, kjv_slice, chatter_slice, prefect_api
+):
+    root = tmp_path / "ws"
+    root.mkdir()
+    code = 'open("attempts.txt", "a").write("x"); print("boom: bad input in data.txt"); raise SystemExit(3)'
+    stages = {
+        "first": {"cmd": script(root, "first.py", 'open("one.txt", "w").write("1")'), "outs": ["one.txt"]},
+        "broken": {"cmd": script(root, "broken.py", code), "deps": ["one.txt"], "outs": ["two.txt"]},
+    }
+    name = "flow-fails-model"
+    synthetic_workspace(
+        root,
+        kjv_slice,
+        chatter_slice,
+        stages,
+        flow={"retries": 1, "retry_delay_s": 0.0},
+        project={"registered_model": name},
+    )
+    proc = run_cli("run", "--workspace", str(root), cwd=tmp_path, api=prefect_api)  # from another directory
+    assert proc.returncode == 1
+    assert "error: stage broken exited with code 3" in proc.stderr, proc.stderr[-3000:]
+    assert (root / "attempts.txt").read_text() == "xx"  # one try and one retry
+    failure = artifact(prefect_api, "broken-failure")
+    assert failure is not None and "boom: bad input in data.txt" in failure["data"]
+    summary = artifact(prefect_api, "lifecycle-summary")
+    assert "failed" in summary["data"] and "| first | ran |" in summary["data"]
+
+    from mlflow import MlflowClient
+
+    assert MlflowClient().search_model_versions(f"name='{name}'") == []
+
+    script(root, "broken.py", 'open("two.txt", "w").write("2")')  # fixed: the next run picks up where it failed
+    proc = run_cli("run", cwd=root, api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = artifact(prefect_api, "lifecycle-summary")["data"]
+    assert "| first | skipped |" in summary and "| broken | ran |" in summary
+
+
+def test_two_runs_in_one_workspace_never_interleave(tmp_path, kjv_slice, chatter_slice, prefect_api):
+    root = tmp_path / "ws"
+    root.mkdir()
+    hold = """
+        import os, time
+        open("started.txt", "w").write(str(os.getpid()))
+        while not os.path.exists("release.txt"):
+            time.sleep(0.2)
+        open("held.txt", "w").write("done")
+    """
+    stages = {"hold": {"cmd": script(root, "hold.py", hold), "outs": ["held.txt"]}}
+    synthetic_workspace(root, kjv_slice, chatter_slice, stages)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    first = subprocess.Popen(["lmcycle", "run"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "started.txt").exists():
+            assert first.poll() is None, first.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        second = run_cli("run", cwd=root, api=prefect_api)
+        assert second.returncode == 1
+        assert "another lmcycle run holds this workspace" in second.stderr
+        assert "flow.lock_timeout_s" in second.stderr
+    finally:
+        (root / "release.txt").write_text("go")
+        out = first.communicate(timeout=300)[0].decode()
+    assert first.returncode == 0, out[-3000:]
+    assert (root / "held.txt").read_text() == "done"
+
+
+def test_bad_overrides_and_stage_names_fail_before_anything_runs(tmp_path, kjv_slice, chatter_slice):
+    root = tmp_path / "ws"
+    root.mkdir()
+    stages = {"a": {"cmd": "echo a > a.txt", "outs": ["a.txt"]}}
+    synthetic_workspace(root, kjv_slice, chatter_slice, stages)
+    before = (root / "params.yaml").read_bytes()
+    for args, message in [
+        (["-S", "tokenizer.nope=1"], "error: tokenizer.nope: unknown key"),
+        (["-S", "tokenizer.vocab_size=100"], "error: tokenizer.vocab_size: must be ≥"),
+        (["-S", "novalue"], "expected section.key=value"),
+        (["--until", "nope"], "error: --until: unknown stage 'nope'; stages in dvc.yaml: a"),
+        (["--force", "nope"], "error: --force: unknown stage 'nope'"),
+    ]:
+        proc = run_cli("run", *args, cwd=root)
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert (root / "params.yaml").read_bytes() == before
+    assert not (root / "dvc.lock").exists() and not (root / "a.txt").exists()
+    with workspace_lock(root):  # and a held lock is reported at once (flow.lock_timeout_s is 0)
+        proc = run_cli("run", cwd=root)
+    assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds_before_any_stage(workspace_factory):
+    root = workspace_factory()
+    uri = f"http://127.0.0.1:{closed_port()}"
+    proc = run_cli("run", cwd=root, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 1
+    assert f"error: MLFLOW_TRACKING_URI {uri}: no answer within 3 s" in proc.stderr
+    stage = run_cli("stage", "ingest", cwd=root, MLFLOW_TRACKING_URI=uri)
+    assert stage.returncode == 1 and "no answer within 3 s" in stage.stderr
+    assert not (root / "dvc.lock").exists() and not (root / "data").exists()
+    off = run_cli("stage", "ingest", cwd=root, MLFLOW_TRACKING_URI=uri, LMCYCLE_TRACKING="off")
+    assert off.returncode == 0, off.stderr  # tracking off: the stage never talks to MLflow
+
+
+# --- end to end --------------------------------------------------------------------------------------------
+
+
+def mlflow_runs(client, root: Path) -> dict[str, list]:
+    runs: dict[str, list] = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], f"tags.`lmcycle.workspace` = '{root}'"):
+            runs.setdefault(run.info.run_name, []).append(run)
+    return runs
+
+
+@pytest.mark.slow
+def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory, prefect_api, tmp_path):
+    from mlflow import MlflowClient
+
+    from lmcore.config import load_config
+    from lmcore.paths import Paths
+    from lmcore.registry import RESCORERS
+
+    name = "e2e-model"
+    root = workspace_factory(project={"registered_model": name})
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    proc = run_cli("run", cwd=root, api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    summary = artifact(prefect_api, "lifecycle-summary")["data"]
+    for stage in stages:
+        assert f"| {stage} | ran |" in summary
+    assert "**first**" in summary
+
+    client = MlflowClient()
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.tags["lmcycle.dvc_lock_hash"] == dvc_lock_hash(root)
+    assert version.tags["lmcycle.git_dirty"] == "false"
+    runs = mlflow_runs(client, root)
+    parents = [r for r in runs.get("register", [])]
+    parent_id = parents[0].data.tags["mlflow.parentRunId"]
+    for stage in stages:  # one child run per executed stage, under the flow's parent run
+        (run,) = runs[stage]
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.tags["env.lmcycle"] and run.data.tags["lmcycle.flow_run_id"]
+    tokenize = runs["tokenize"][0]
+    logged = {d.dataset.name: d.dataset.digest for d in tokenize.inputs.dataset_inputs}
+    for dep in lock["tokenize"]["deps"]:
+        if dep["path"].startswith("data/"):
+            assert logged[dep["path"]] == dep["md5"]  # the dataset digest is DVC's hash
+    assert runs["tokenizer"][0].data.params["tokenizer.vocab_size"] == "512"
+    history = client.get_metric_history(runs["pretrain"][0].info.run_id, "pretrain.train_loss")
+    assert len({m.step for m in history}) > 1
+    artifacts = {a.path for a in client.list_artifacts(runs["tokenizer"][0].info.run_id, "models/tokenizer")}
+    assert "models/tokenizer/tokenizer.json" in artifacts
+
+    # the gate's re-scorer computes exactly what the evaluation reported for the registered model
+    paths = Paths.of(root)
+    metric = version.tags["lmcycle.gate.metric"]
+    reported = json.loads((paths.report("evaluate")).read_text())[metric]
+    model_dir = root / version.tags["lmcycle.model_dir"]
+    rescored = RESCORERS[metric.split(".")[0]](metric, model_dir, paths, load_config(root / "params.yaml"))
+    assert rescored == pytest.approx(reported, abs=1e-5)
+
+    again = run_cli("run", cwd=root, api=prefect_api)
+    assert again.returncode == 0, again.stderr[-5000:]
+    summary = artifact(prefect_api, "lifecycle-summary")["data"]
+    for stage in stages[1:]:  # ingest always runs (its sources live outside the repository)
+        assert f"| {stage} | skipped |" in summary
+    assert "reused: same dvc.lock" in summary
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+    rebuild = run_cli(
+        "reproduce", f"models:/{name}/{version.version}", "--run", "--dir", str(tmp_path / "re"), cwd=root
+    )
+    assert rebuild.returncode == 0, rebuild.stderr[-5000:]
+    assert "bit-identical: yes" in rebuild.stdout

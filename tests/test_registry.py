@@ -1,0 +1,302 @@
+"""Registry and promotion gate on a real tiny pretrained model: register, reuse by lineage, gate decisions,
+re-scoring a champion on other eval data, aliases by hand, clear errors, and serving the champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import copy_workspace, lmcycle
+
+from lmcore.config import load_config
+from lmcore.paths import Paths
+from lmcore.registry import (
+    RegistryError,
+    champion_history,
+    client_for,
+    local_model_dir,
+    promote,
+    register_model,
+    rescore_val_bpb,
+    resolve,
+    rollback,
+)
+
+
+def reg_workspace(source: Path, dest: Path, name: str, val_bpb: float, lineage: str) -> Paths:
+    """A private copy of the pretrained workspace, registering as `name`, with a chosen gate metric and lineage
+    (the dvc.lock content is what identifies a version's lineage)."""
+    root = copy_workspace(source, dest, project={"registered_model": name})
+    report = json.loads((root / "reports" / "pretrain.json").read_text())
+    set_val_bpb(root, report, val_bpb)
+    set_lineage(root, lineage)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return Paths.of(root)
+
+
+def set_val_bpb(root: Path, report: dict, value: float) -> None:
+    report = dict(report)
+    report["val_bpb"] = value
+    (root / "reports" / "pretrain.json").write_text(json.dumps(report, sort_keys=True))
+
+
+def set_lineage(root: Path, lineage: str) -> None:
+    (root / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n  pretrain:\n    cmd: lmcycle stage pretrain  # {lineage}\n"
+    )
+
+
+def register(paths: Paths):
+    return register_model(paths, load_config(paths.root / "params.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model_cache(tmp_path_factory):
+    """Registered models materialise in a throw-away cache, not the user's ~/.cache/lmcycle."""
+    previous = os.environ.get("LMCYCLE_CACHE")
+    os.environ["LMCYCLE_CACHE"] = str(tmp_path_factory.mktemp("lmcycle-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LMCYCLE_CACHE", None)
+    else:
+        os.environ["LMCYCLE_CACHE"] = previous
+
+
+@pytest.fixture
+def client():
+    return client_for(".")
+
+
+def test_first_version_becomes_champion_and_reregistering_reuses_it(pretrained_workspace, tmp_path, client):
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-first", 2.5, "a")
+    first = register(paths)
+    assert (first.version, first.decision, first.reused) == ("1", "first", False)
+    assert str(client.get_model_version_by_alias("reg-first", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("reg-first", "challenger").version) == "1"
+
+    again = register(paths)
+    assert (again.version, again.reused, again.decision) == ("1", True, "first")
+    assert len(client.search_model_versions("name='reg-first'")) == 1
+
+    tags = client.get_model_version("reg-first", "1").tags
+    assert tags["lmcycle.dvc_lock_hash"] == __import__("lmcore.workspace").workspace.dvc_lock_hash(paths.root)
+    assert json.loads(tags["lmcycle.params"])["project"]["registered_model"] == "reg-first"
+    assert tags["metric.pretrain.val_bpb"] == "2.5" and tags["lmcycle.gate.value"] == "2.5"
+    assert tags["lmcycle.seed"] == "1337" and tags["env.torch"].startswith("2.")
+    assert tags["lmcycle.task"] == "llm/v1/chat" and tags["lmcycle.stage"] == "pretrain"
+    assert tags["lmcycle.eval_fingerprint"] and tags["lmcycle.git_dirty"] in {"true", "false"}
+
+    # the logged weights are the workspace's file (a hard link), not a third copy
+    served = local_model_dir("models:/reg-first@champion")
+    assert os.path.samefile(served / "model.safetensors", paths.pretrain / "hf" / "model.safetensors")
+
+
+def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(pretrained_workspace, tmp_path, client):
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-gate", 2.5, "a")
+    report = json.loads((paths.root / "reports" / "pretrain.json").read_text())
+    assert register(paths).decision == "first"
+
+    set_lineage(paths.root, "b")
+    set_val_bpb(paths.root, report, 2.7)
+    worse = register(paths)
+    assert (worse.version, worse.decision) == ("2", "rejected")
+    assert (worse.challenger_value, worse.champion_value, worse.champion_version) == (2.7, 2.5, "1")
+    assert str(client.get_model_version_by_alias("reg-gate", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("reg-gate", "challenger").version) == "2"
+    assert client.get_model_version("reg-gate", "2").tags["lmcycle.gate.decision"] == "rejected"
+
+    set_lineage(paths.root, "c")
+    set_val_bpb(paths.root, report, 2.4)
+    better = register(paths)
+    assert (better.version, better.decision, better.champion_value) == ("3", "promoted", 2.5)
+    assert str(client.get_model_version_by_alias("reg-gate", "champion").version) == "3"
+    assert champion_history(client, "reg-gate") == ["1", "3"]
+
+    # the human side: roll back, then promote by hand
+    assert rollback(client, "reg-gate") == "1"
+    assert str(client.get_model_version_by_alias("reg-gate", "champion").version) == "1"
+    promote(client, "reg-gate", "2")
+    assert str(client.get_model_version_by_alias("reg-gate", "champion").version) == "2"
+    assert rollback(client, "reg-gate") == "1"
+
+
+def test_gate_rescores_the_champion_when_eval_data_differs(pretrained_workspace, tmp_path, client):
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-rescore", 9.0, "a")
+    config = load_config(paths.root / "params.yaml")
+    assert register(paths).decision == "first"
+
+    val = paths.split_file("pretrain", "val")
+    lines = val.read_text(encoding="utf-8").splitlines(keepends=True)
+    val.write_text("".join(lines[: max(2, len(lines) // 2)]), encoding="utf-8")  # other held-out data
+    champion_now = rescore_val_bpb(paths.pretrain / "hf", paths, config)
+    set_lineage(paths.root, "b")
+    set_val_bpb(paths.root, json.loads((paths.root / "reports" / "pretrain.json").read_text()), champion_now - 0.01)
+    result = register(paths)
+
+    assert "re-scored" in result.reason
+    assert result.champion_value == pytest.approx(champion_now, abs=1e-9)  # not the recorded 9.0
+    assert result.decision == "promoted"
+    tags = client.get_model_version("reg-rescore", "2").tags
+    assert float(tags["lmcycle.gate.champion_value"]) == pytest.approx(champion_now, abs=1e-9)
+
+
+def test_missing_models_and_aliases_fail_with_one_clear_line(pretrained_workspace, tmp_path, client):
+    with pytest.raises(RegistryError, match="no registered model named 'nope'"):
+        resolve(client, "models:/nope@champion")
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-errors", 2.5, "a")
+    register(paths)
+    with pytest.raises(RegistryError, match="has no alias 'best'"):
+        resolve(client, "models:/reg-errors@best")
+    with pytest.raises(RegistryError, match="has no version 7"):
+        resolve(client, "models:/reg-errors/7")
+    with pytest.raises(RegistryError, match="expected models:/NAME@ALIAS"):
+        resolve(client, "models:/reg-errors")
+
+    for args, message in [
+        (["models", "promote", "nope", "1"], "error: models:/nope/1: no registered model named 'nope'"),
+        (["models", "rollback", "reg-errors"], "error: models:/reg-errors@champion: no earlier champion"),
+        (["reproduce", "models:/reg-errors@best"], "error: models:/reg-errors@best: registered model 'reg-errors'"),
+        (["models", "list", "nope"], "error: models:/nope: no registered model named 'nope'"),
+    ]:
+        proc = lmcycle(*args, cwd=paths.root, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    listing = lmcycle("models", "list", "reg-errors", cwd=paths.root)
+    assert "champion" in listing.stdout and "first" in listing.stdout
+
+
+def test_the_champion_answers_chat_messages_through_mlflow(pretrained_workspace, tmp_path):
+    import mlflow
+
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-chat", 2.5, "a")
+    register(paths)
+    model = mlflow.pyfunc.load_model("models:/reg-chat@champion")
+    out = model.predict({"messages": [{"role": "user", "content": "Who made the heaven?"}], "max_tokens": 6})
+    answer = out[0]["choices"][0]["message"]
+    assert answer["role"] == "assistant" and isinstance(answer["content"], str)
+    assert out[0]["object"] == "chat.completion"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = local_model_dir("models:/reg-chat@champion")
+    tok = AutoTokenizer.from_pretrained(directory)
+    assert "<|assistant|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert AutoModelForCausalLM.from_pretrained(directory).generation_config.max_new_tokens < 64
+
+    from lmcore.generate import load_model  # what `lmcycle generate --model models:/…` loads
+
+    transformer, tokenizer = load_model("models:/reg-chat@champion")
+    assert transformer.config.vocab_size >= len(tokenizer)
+    with pytest.raises(RegistryError, match="no registered model named 'absent'"):
+        load_model("models:/absent@champion")
+    out = lmcycle(
+        "generate",
+        "--model",
+        "models:/reg-chat@champion",
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        cwd=paths.root,
+    )
+    assert out.returncode == 0
+    missing = lmcycle("generate", "--model", "models:/reg-chat@nope", "--prompt", "x", cwd=paths.root, check=False)
+    assert (
+        missing.returncode == 1
+        and "error: models:/reg-chat@nope: registered model 'reg-chat' has no alias 'nope'" in missing.stderr
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_chat_request(pretrained_workspace, tmp_path):
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-serve", 2.5, "a")
+    register(paths)
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = ["mlflow", "models", "serve", "-m", "models:/reg-serve@champion", "--env-manager", "local"]
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [*cmd, "-h", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        choices = answer["predictions"][0]["choices"] if "predictions" in answer else answer[0]["choices"]
+        assert choices[0]["message"]["role"] == "assistant"
+        assert isinstance(choices[0]["message"]["content"], str)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutil.rmtree(tmp_path / "ws", ignore_errors=True)
+
+
+def test_a_classifier_registers_as_a_text_classification_model(pretrained_workspace, tmp_path, client):
+    import mlflow
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-classifier", 2.5, "a")
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "new", 1: "old"},
+        label2id={"new": 0, "old": 1},
+    )
+    model_dir = paths.finetune / "hf"
+    LlamaForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    report = {"classification.macro_f1": 0.61, "classification.data_fingerprint": "abc", "sft.loss": 9.0}
+    (paths.reports / "evaluate.json").write_text(json.dumps(report))
+
+    result = register(paths)
+    assert (result.decision, result.metric) == ("first", "classification.macro_f1")
+    tags = client.get_model_version("reg-classifier", "1").tags
+    assert tags["lmcycle.task"] == "text-classification" and tags["lmcycle.gate.direction"] == "maximize"
+    assert tags["lmcycle.eval_fingerprint"] == "abc"
+    predictions = mlflow.pyfunc.load_model("models:/reg-classifier@champion").predict(["In the beginning God"])
+    assert set(predictions["label"]) <= {"new", "old"}
