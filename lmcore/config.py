@@ -325,8 +325,30 @@ def apply_overrides(overrides: list[str], path: str | Path = PARAMS_FILE) -> Con
         set_key(raw, keys, value)
     config = validate(raw, str(path))
     if overrides:
-        atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        atomic_write_text(path, _rewrite_keeping_comments(path.read_text(encoding="utf-8"), overrides))
     return config
+
+
+def _rewrite_keeping_comments(text: str, overrides: list[str]) -> str:
+    """Apply overrides with a round-trip YAML editor (DVC's own, ruamel.yaml) so comments and layout survive."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    editor = YAML()
+    editor.width = 4096
+    editor.preserve_quotes = True
+    editor.indent(mapping=2, sequence=4, offset=2)
+    null = "tag:yaml.org,2002:null"
+    editor.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar(null, "null"))
+    )
+    doc = editor.load(text)
+    for item in overrides:
+        keys, value = parse_override(item)
+        set_key(doc, keys, value)
+    out = io.StringIO()
+    editor.dump(doc, out)
+    return out.getvalue()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
