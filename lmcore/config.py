@@ -341,7 +341,6 @@ def _rewrite_keeping_comments(text: str, overrides: list[str]) -> str:
     editor.indent(mapping=2, sequence=4, offset=2)
     null = "tag:yaml.org,2002:null"
     editor.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar(null, "null"))
-    )
     doc = editor.load(text)
     for item in overrides:
         keys, value = parse_override(item)
