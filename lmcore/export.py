@@ -1,0 +1,470 @@
+"""lmcore ⇄ Hugging Face Llama checkpoints: what stock `transformers` loads without remote code.
+
+The lmcore model computes exactly what `LlamaForCausalLM` computes, so export is a renaming of tensors: the fused
+QKV and gate/up matrices are split into Llama's q/k/v and gate/up projections, and back again on import. One
+function pair (`to_hf_state_dict` / `from_hf_state_dict`) holds the renaming of the decoder body under a prefix
+(`model.`), so the causal-LM export here and a sequence-classification export share it. Weights travel only as
+safetensors: pickled `.bin` checkpoints are refused, never unpickled. Directories are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmcore.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmcore.model import ModelConfig, Transformer
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Llama config keys whose non-default values change the math: refused on import, named in the error.
+UNSUPPORTED_KEYS = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+
+
+# --- the renaming (shared by every Llama head) ---------------------------------------------------------------
+
+
+def to_hf_state_dict(model: Transformer, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The decoder body (embedding, blocks, final norm) under Llama names, each a contiguous fp tensor of its own.
+
+    Heads (LM head, classifier `score`) are left to the caller: they differ per architecture.
+    """
+    c = model.config
+    q_size, kv_size = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    state = {f"{prefix}embed_tokens.weight": model.embed.weight, f"{prefix}norm.weight": model.norm.weight}
+    for i, block in enumerate(model.blocks):
+        p = f"{prefix}layers.{i}."
+        q, k, v = block.attn.qkv.weight.split([q_size, kv_size, kv_size])
+        gate, up = block.mlp.gate_up.weight.chunk(2)
+        state |= {
+            p + "input_layernorm.weight": block.attn_norm.weight,
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": block.attn.proj.weight,
+            p + "post_attention_layernorm.weight": block.mlp_norm.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": block.mlp.down.weight,
+        }
+    # safetensors refuses views sharing storage: give every tensor its own memory.
+    return {name: t.detach().contiguous().clone() for name, t in state.items()}
+
+
+def from_hf_state_dict(
+    state: dict[str, torch.Tensor], config: ModelConfig, prefix: str = "model.", source: str = "weights"
+) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf_state_dict`: lmcore parameter names (body only) from Llama names under `prefix`."""
+    import torch
+
+    def take(name: str) -> torch.Tensor:
+        if name not in state:
+            raise CheckpointError(f"{source}: tensor {name} is missing")
+        return state[name]
+
+    out = {"embed.weight": take(f"{prefix}embed_tokens.weight"), "norm.weight": take(f"{prefix}norm.weight")}
+    for i in range(config.n_layer):
+        p = f"{prefix}layers.{i}."
+        qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+        gate_up = [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+        out |= {
+            f"blocks.{i}.attn_norm.weight": take(p + "input_layernorm.weight"),
+            f"blocks.{i}.attn.qkv.weight": torch.cat(qkv),
+            f"blocks.{i}.attn.proj.weight": take(p + "self_attn.o_proj.weight"),
+            f"blocks.{i}.mlp_norm.weight": take(p + "post_attention_layernorm.weight"),
+            f"blocks.{i}.mlp.gate_up.weight": torch.cat(gate_up),
+            f"blocks.{i}.mlp.down.weight": take(p + "mlp.down_proj.weight"),
+        }
+    return out
+
+
+def hf_config_dict(config: ModelConfig, architecture: str = "LlamaForCausalLM", **token_ids: int | None) -> dict:
+    """A Llama config.json (as the installed transformers writes it) for an lmcore ModelConfig."""
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.context_length,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=config.dropout,
+        initializer_range=config.init_std,
+        hidden_act="silu",
+        architectures=[architecture],
+        dtype="float32",
+        **token_ids,
+    )
+    return hf.to_dict()
+
+
+# --- export --------------------------------------------------------------------------------------------------
+
+
+def export_hf(
+    model: Transformer,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    card: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a `LlamaForCausalLM` directory: config, safetensors weights, generation config, tokenizer, model card.
+
+    `extra_config` entries are added to config.json (e.g. lineage); `card` fills the README (see `model_card`).
+    The directory appears whole or not at all.
+    """
+    from safetensors.torch import save_file
+
+    from lmcore.tokenizer import atomic_directory
+
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    config = model.config
+    tokens = _special_token_ids(tokenizer_dir, config.vocab_size)
+    state = to_hf_state_dict(model)
+    if not config.tie_embeddings:  # tied: transformers re-ties lm_head to the embedding from the config
+        state["lm_head.weight"] = model.lm_head.weight.detach().contiguous().clone()
+    state = {name: t.float().cpu() for name, t in state.items()}
+
+    hf_config = hf_config_dict(config, **tokens) | dict(extra_config or {})
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json", generation_config(config, tokens))
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        _set_model_max_length(tmp / "tokenizer_config.json", config.context_length)
+        (tmp / "README.md").write_text(model_card(config, card or {}, out_dir.name), encoding="utf-8")
+    return out_dir
+
+
+def generation_config(config: ModelConfig, tokens: dict[str, int | None]) -> dict[str, Any]:
+    """Defaults for `model.generate` and pipelines: stop at EOS, never run far past the context window."""
+    import transformers
+
+    return {
+        **tokens,
+        "max_new_tokens": max(1, min(256, config.context_length // 2)),
+        "transformers_version": transformers.__version__,
+    }
+
+
+def _special_token_ids(tokenizer_dir: Path, vocab_size: int) -> dict[str, int | None]:
+    from transformers import AutoTokenizer
+
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{tokenizer_dir}: no tokenizer.json (run the tokenizer stage first)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as err:
+        raise CheckpointError(f"{tokenizer_dir}: cannot load the tokenizer ({str(err).splitlines()[0]})") from None
+    if len(tok) > vocab_size:
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer has {len(tok)} tokens, the model only {vocab_size}")
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _set_model_max_length(path: Path, context_length: int) -> None:
+    """The tokenizer of a model directory truncates to the model's context, not a generic default."""
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["model_max_length"] = context_length
+        _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
+    """README.md for the hub and MLflow: YAML front matter, what the model is, how to load it, what it scored.
+
+    `card` keys (all optional): title, description, license, data (text or list), params (dict: training
+    settings), metrics (dict), tags (list), pipeline_tag.
+    """
+    import yaml
+
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": card.get("pipeline_tag", "text-generation"),
+        "tags": ["lmcycle", "llama", *card.get("tags", [])],
+    }
+    if card.get("license"):
+        front["license"] = card["license"]
+    title = card.get("title", name)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
+    if card.get("description"):
+        lines += [str(card["description"]), ""]
+    lines += [
+        "## Model",
+        "",
+        f"A Llama-architecture decoder (`LlamaForCausalLM`) with {config.num_params() / 1e6:.2f}M parameters: "
+        f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads ({config.n_kv_head} key/value "
+        f"heads), SwiGLU width {config.d_ff}, context {config.context_length} tokens, vocabulary "
+        f"{config.vocab_size}, RoPE θ={config.rope_theta:g}, "
+        f"{'tied' if config.tie_embeddings else 'separate'} input/output embeddings. Weights are fp32 safetensors.",
+        "",
+    ]
+    data = card.get("data")
+    if data:
+        lines += ["## Training data", ""]
+        lines += [f"- {item}" for item in data] if isinstance(data, list | tuple) else [str(data)]
+        lines.append("")
+    for heading, table in (("Training settings", card.get("params")), ("Metrics", card.get("metrics"))):
+        if table:
+            lines += [f"## {heading}", "", "| name | value |", "|---|---|"]
+            lines += [f"| {key} | {_cell(value)} |" for key, value in sorted(table.items())]
+            lines.append("")
+    lines += [
+        "## Use",
+        "",
+        "With stock `transformers` (no remote code):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")',
+        'inputs = tokenizer("In the beginning", return_tensors="pt")',
+        "output = model.generate(**inputs, do_sample=True, top_p=0.95, max_new_tokens=48)",
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        "```",
+        "",
+        "With lmcycle (KV-cache sampling, streamed to the terminal):",
+        "",
+        "```",
+        'lmcycle generate --model path/to/this/dir --prompt "In the beginning" --max-new-tokens 48',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+# --- import --------------------------------------------------------------------------------------------------
+
+
+def read_hf_config(directory: str | Path) -> ModelConfig:
+    """The lmcore ModelConfig of a Hugging Face Llama directory; CheckpointError naming any key lmcore cannot run."""
+    from lmcore.model import ModelConfig
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON") from None
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llama')")
+    for key, supported in UNSUPPORTED_KEYS.items():
+        if hf.get(key, supported) != supported:
+            raise CheckpointError(f"{path}: {key}={hf[key]!r} is not supported (lmcore needs {supported!r})")
+    rope = hf.get("rope_parameters") or {}
+    for key, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters.rope_type", rope.get("rope_type"))):
+        kind = value.get("rope_type", value.get("type")) if isinstance(value, dict) else value
+        if kind not in (None, "default"):
+            raise CheckpointError(f"{path}: {key} {value!r} is not supported (only plain RoPE)")
+    n_head, d_model = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, d_model // n_head):
+        raise CheckpointError(f"{path}: head_dim={hf['head_dim']} is not hidden_size/num_attention_heads")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            d_model=d_model,
+            d_ff=hf["intermediate_size"],
+            context_length=hf["max_position_embeddings"],
+            dropout=hf.get("attention_dropout", 0.0),
+            init_std=hf.get("initializer_range", 0.02),
+            tie_embeddings=hf.get("tie_word_embeddings", False),  # LlamaConfig's default
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10_000.0)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{path}: required key {err.args[0]} is missing") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's model.safetensors (or its shards); pickled weights are refused."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index") from None
+        paths = [directory / name for name in files]
+    elif single.is_file():
+        paths = [single]
+    else:
+        pickled = [name for name in PICKLE_WEIGHTS if (directory / name).exists()]
+        if pickled:
+            raise CheckpointError(
+                f"{directory / pickled[0]}: pickled weights are not loaded (unsafe); convert them to safetensors"
+            )
+        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {WEIGHTS_INDEX_FILE})")
+        try:
+            state |= load_file(str(path))
+        except Exception as err:  # SafetensorError, OSError, or a header that is not JSON
+            raise CheckpointError(f"{path}: unreadable safetensors ({str(err).splitlines()[0]})") from None
+    return state
+
+
+def import_hf(directory: str | Path) -> tuple[Transformer, ModelConfig]:
+    """An lmcore Transformer (fp32, CPU) holding the weights of a Hugging Face Llama directory."""
+    import torch
+
+    from lmcore.model import Transformer
+
+    directory = Path(directory)
+    config = read_hf_config(directory)
+    state = read_safetensors(directory)
+    source = str(directory / WEIGHTS_FILE)
+    weights = from_hf_state_dict(state, config, source=source)
+    if not config.tie_embeddings:
+        if "lm_head.weight" not in state:
+            raise CheckpointError(f"{source}: tensor lm_head.weight is missing (tie_word_embeddings is false)")
+        weights["lm_head.weight"] = state["lm_head.weight"]
+    model = Transformer(config)
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}; config.json implies {tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            expected[name].copy_(tensor)
+    return model, config
+
+
+# --- sequence classification export --------------------------------------------------------------------------
+
+
+def export_hf_classifier(
+    model: Transformer,
+    score_weight: torch.Tensor,
+    labels: list[str],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    card: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a `LlamaForSequenceClassification` directory: the decoder body, the `score` head, id2label/label2id.
+
+    `pad_token_id` is set because transformers pools the last non-pad token of each row with it. `card` takes the
+    same keys as `model_card`. The directory appears whole or not at all.
+    """
+    from safetensors.torch import save_file
+
+    from lmcore.tokenizer import atomic_directory
+
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    config = model.config
+    tokens = _special_token_ids(tokenizer_dir, config.vocab_size)
+    if tokens["pad_token_id"] is None:
+        raise CheckpointError(f"{tokenizer_dir}: the tokenizer has no pad token; a sequence classifier needs one")
+    if tuple(score_weight.shape) != (len(labels), config.d_model):
+        raise CheckpointError(f"score weight of shape {tuple(score_weight.shape)} does not fit {len(labels)} labels")
+    state = to_hf_state_dict(model) | {"score.weight": score_weight.detach().contiguous().clone()}
+    state = {name: t.float().cpu() for name, t in state.items()}
+    hf_config = hf_config_dict(config, "LlamaForSequenceClassification", **tokens)
+    hf_config |= {
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "problem_type": "single_label_classification",
+    }
+    hf_config |= dict(extra_config or {})
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        _set_model_max_length(tmp / "tokenizer_config.json", config.context_length)
+        (tmp / "README.md").write_text(classifier_card(config, labels, card or {}, out_dir.name), encoding="utf-8")
+    return out_dir
+
+
+def classifier_card(config: ModelConfig, labels: list[str], card: dict[str, Any], name: str) -> str:
+    """README.md of a sequence-classification export: labels, data, settings, metrics, how to load it."""
+    import yaml
+
+    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["lmcycle", "llama"]}
+    front["tags"] += list(card.get("tags", []))
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {card.get('title', name)}", ""]
+    if card.get("description"):
+        lines += [str(card["description"]), ""]
+    lines += [
+        "## Model",
+        "",
+        f"`LlamaForSequenceClassification`: a Llama-architecture decoder ({config.num_params() / 1e6:.2f}M "
+        f"parameters, {config.n_layer} layers, d_model {config.d_model}, context {config.context_length} tokens) "
+        "with a linear `score` head on the last non-pad token of each sequence.",
+        "",
+        "## Labels",
+        "",
+        "| id | label |",
+        "|---|---|",
+        *[f"| {i} | {_cell(label)} |" for i, label in enumerate(labels)],
+        "",
+    ]
+    data = card.get("data")
+    if data:
+        lines += ["## Training data", ""]
+        lines += [f"- {item}" for item in data] if isinstance(data, list | tuple) else [str(data)]
+        lines.append("")
+    for heading, table in (("Training settings", card.get("params")), ("Metrics", card.get("metrics"))):
+        if table:
+            lines += [f"## {heading}", "", "| name | value |", "|---|---|"]
+            lines += [f"| {key} | {_cell(value)} |" for key, value in sorted(table.items())]
+            lines.append("")
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classify = pipeline("text-classification", model="path/to/this/dir")',
+        'print(classify("And Jesus answered and said unto them", truncation=True))',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,479 @@
+"""The lmcycle transformer: a decoder-only, Llama-style language model, readable top to bottom.
+
+Token embedding → N × [RMSNorm → grouped-query attention with rotary positions → RMSNorm → SwiGLU MLP] → RMSNorm →
+LM head (optionally tied to the embedding). No biases. The math is exactly Hugging Face's `LlamaForCausalLM`
+(rotate-half RoPE, grouped-query attention, fp32 RMSNorm), so export is a renaming of tensors.
+
+The layout is ours, for speed on CPU as much as on GPU: one fused QKV matmul and one fused gate/up matmul per
+block, RoPE tables built once, key/value heads shared inside SDPA instead of copied, and a loss that computes its
+gradient chunk by chunk in the forward pass (never holding the whole batch's full-vocabulary logits). Apart from
+the matmuls, training time goes to memory-bound elementwise passes, so the few layers where autograd makes many
+of them (RMSNorm, RoPE with the head split, SwiGLU, the loss) have hand-written gradients; they sit at the end of
+this file, each next to the plain function it differentiates, and inference calls the plain functions directly.
+
+The model knows nothing of training, logging, checkpoints or parallelism: those live in `lmcore.train`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcore.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+PRESETS: dict[str, dict] = {
+    # A few million parameters (3.95M at a 4096-token vocabulary): trains the whole lifecycle on 2 CPU cores.
+    "cpu-demo": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=688, context_length=256),
+    # GPT-2 small scale for one GPU: 124.7M parameters at GPT-2's 50,257-token vocabulary (d_ff sets the total).
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2432, context_length=1024),
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2
+    d_model: int = 256
+    d_ff: int = 688
+    context_length: int = 256
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ConfigError(f"model head size d_model/n_head = {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_params(cls, params, vocab_size: int) -> ModelConfig:
+        """Build from the `model` section of params.yaml: a preset, then any field given explicitly."""
+        values = dict(PRESETS.get(params.preset, {}))
+        for f in fields(cls):
+            value = getattr(params, f.name, None)
+            if value is not None and f.name != "vocab_size":
+                values[f.name] = value
+        required = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "context_length")
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ConfigError(f"model.{missing[0]}: must be set when model.preset is custom")
+        return cls(vocab_size=vocab_size, **values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self, embedding: bool = True) -> int:
+        d, hd = self.d_model, self.head_dim
+        attn = d * (self.n_head + 2 * self.n_kv_head) * hd + self.n_head * hd * d
+        mlp = 3 * d * self.d_ff
+        block = attn + mlp + 2 * d
+        body = self.n_layer * block + d
+        emb = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return body + head + (emb if embedding else 0)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 × matmul parameters + attention scores and values.
+
+        The embedding lookup does no matmul work; the LM head does, tied or not.
+        """
+        t = seq_len or self.context_length
+        tied_head = self.vocab_size * self.d_model if self.tie_embeddings else 0  # an untied head is in num_params
+        matmul_params = self.num_params(embedding=False) + tied_head
+        attention = 12 * self.n_layer * self.d_model * t / 2  # causal: half of the T×T scores are computed usefully
+        return 6 * matmul_params + attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Llama does) so bf16 training stays stable.
+        y = x if x.dtype == torch.float32 else x.float()
+        if _custom_grad(y, self.weight):
+            y = RMSNormFunction.apply(y, self.weight, self.eps)
+        else:
+            y = rms_norm(y, self.weight, self.eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, (length, head_dim / 2): Llama's frequencies (each serves two dims)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated per layer: decoding appends one position per step."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
+        keys, values = self.keys[layer], self.values[layer]
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        split = SplitRotaryFunction.apply if _custom_grad(qkv) else split_heads_rotary
+        q, k, v = split(qkv, cos, sin, self.n_head, self.n_kv_head)  # each (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,  # each key/value head serves its group without copies
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up computed by one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up(x)
+        return self.down(SwiGLUFunction.apply(gate_up) if _custom_grad(gate_up) else swiglu(gate_up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, start))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # Not even called at p = 0: a no-op dropout still costs time on every decoded token.
+        return F.dropout(x, self.dropout) if self.dropout and self.training else x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("proj.weight", "down.weight")):
+                # Residual-branch outputs scaled down with depth (GPT-2), so the residual stream starts calm.
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final normalised hidden states, (B, T, d_model)."""
+        B, T = input_ids.shape
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}")
+        if position_ids is None:  # (T, 1, head_dim / 2): broadcast over batch and heads
+            cos, sin = self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]
+        else:  # per-row positions, e.g. left-padded batches: (B, T, 1, head_dim / 2)
+            cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
+        mask = self._mask(attention_mask, T, start, input_ids.device)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache, start)
+        return self.norm(x)
+
+    def _mask(self, attention_mask, T: int, start: int, device) -> torch.Tensor | None:
+        """None for the plain causal case (SDPA's fast path); else a boolean (B|1, 1, T, start+T) mask."""
+        if attention_mask is None and (start == 0 or T == 1):
+            return None
+        S = start + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+        if attention_mask is None:
+            return causal[None, None]
+        keys = attention_mask[:, :S].bool()[:, None, None, :]
+        mask = causal[None, None] & keys
+        # A fully padded query row would give NaN; let it attend to itself so outputs stay finite.
+        eye = torch.zeros(T, S, dtype=torch.bool, device=device)
+        eye[torch.arange(T), torch.arange(start, S)] = True
+        return mask | (~mask.any(-1, keepdim=True) & eye)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) without targets; with targets (B, T), the mean next-token loss (IGNORE_INDEX skips)."""
+        h = self.hidden_states(input_ids, attention_mask, cache, start, position_ids)
+        if targets is None:
+            return self.lm_head(h)
+        return chunked_cross_entropy(h, self.lm_head.weight, targets)
+
+    def token_losses(self, input_ids: torch.Tensor, targets: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """Per-token NLL in nats (B, T), 0 where the target is IGNORE_INDEX: for perplexity and bits-per-byte."""
+        h = self.hidden_states(input_ids, attention_mask)
+        return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction="none")
+
+
+def chunked_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 512, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of the logits `h @ weight.T` against targets (IGNORE_INDEX skipped), a chunk of rows at a time.
+
+    Full-vocabulary logits of the whole batch are never alive at once. When a gradient is wanted (mean
+    reduction), it is computed in the forward pass chunk by chunk, so each chunk's logits are made once and
+    never recomputed (LinearCrossEntropyFunction). Chunks of 512 rows measured fastest on CPU (256-1024 alike,
+    2048 and more slower).
+    """
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if reduction == "mean" and torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropyFunction.apply(flat_h, weight, flat_t, chunk)
+    acc = torch.promote_types(h.dtype, torch.float32)
+    pieces = [
+        F.cross_entropy(
+            (flat_h[i : i + chunk] @ weight.t()).to(acc),
+            flat_t[i : i + chunk],
+            ignore_index=IGNORE_INDEX,
+            reduction="none" if reduction == "none" else "sum",
+        )
+        for i in range(0, flat_h.shape[0], chunk)
+    ]
+    if reduction == "none":
+        return torch.cat(pieces).view(targets.shape)
+    return torch.stack(pieces).sum() / (flat_t != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# --- hand-written gradients ----------------------------------------------------------------------------------
+# Each plain function below is the math: what inference runs, and what torch.compile sees (it derives and fuses
+# the backward itself). The autograd Function next to it computes the same forward in eager training, with a
+# backward that makes fewer passes over memory than autograd's. tests/test_model.py checks them against autograd
+# (gradcheck) and the whole model against transformers.
+
+
+def _custom_grad(*tensors: torch.Tensor) -> bool:
+    """Use a hand-written backward: eager mode, with a gradient to compute."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * _rstd(x, eps) * weight
+
+
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # Llama's mean of squares (as sum / n: faster on CPU), with no matmul-like op that autocast would run in bf16.
+    return torch.rsqrt(x.square().sum(-1, keepdim=True) / x.shape[-1] + eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """About seven passes over the activations, where autograd's decomposition makes about fifteen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = _rstd(x, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        grad_times_x = grad * x
+        # d/dx of weight·x·rstd(x) = weight·g·rstd − x·rstd³·mean(weight·g·x)
+        coef = (grad_times_x * weight).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(x.shape[-1])
+        grad_x = (grad * weight).mul_(rstd).addcmul_(x, coef, value=-1)
+        grad_weight = grad_times_x.mul_(rstd).flatten(0, -2).sum(0)
+        return grad_x, grad_weight, None
+
+
+def split_heads_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv_head: int):
+    """Queries and keys rotated by their positions' angles, and values, each as (B, heads, T, head_dim).
+
+    qkv is the fused projection viewed as (B, T, n_head + 2·n_kv_head, head_dim); cos and sin broadcast to
+    (B, T, 1, head_dim / 2). Llama's rotate-half convention: each head's halves (x1, x2) become
+    (x1·cos − x2·sin, x2·cos + x1·sin). Queries and keys rotate together, in one pass.
+    """
+    qk, v = qkv.split([n_head + n_kv_head, n_kv_head], dim=2)
+    x1, x2 = qk.chunk(2, dim=-1)
+    qk = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    q, k = qk.transpose(1, 2).split([n_head, n_kv_head], dim=1)
+    return q, k, v.transpose(1, 2)
+
+
+class SplitRotaryFunction(torch.autograd.Function):
+    """The forward writes q, k and v into one buffer (two fused passes for the rotation); the backward rotates by
+    the opposite angle straight into one gradient buffer, where autograd would split, concatenate and zero-fill
+    the full-size gradient several times."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head: int, n_kv_head: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.sizes = [n_head, n_kv_head, n_kv_head]
+        n_rot = n_head + n_kv_head
+        out = torch.empty_like(qkv)
+        _rotate_into(out[:, :, :n_rot], qkv[:, :, :n_rot], cos, sin)
+        out[:, :, n_rot:] = qkv[:, :, n_rot:]
+        return out.transpose(1, 2).split(ctx.sizes, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grads = [g.transpose(1, 2) if g is not None else None for g in (grad_q, grad_k, grad_v)]
+        like = next(g for g in grads if g is not None)
+        make = torch.empty if all(g is not None for g in grads) else torch.zeros
+        grad = make((*like.shape[:2], sum(ctx.sizes), like.shape[-1]), dtype=like.dtype, device=like.device)
+        dest_q, dest_k, dest_v = grad.split(ctx.sizes, dim=2)
+        if grads[0] is not None:
+            _rotate_into(dest_q, grads[0], cos, -sin)
+        if grads[1] is not None:
+            _rotate_into(dest_k, grads[1], cos, -sin)
+        if grads[2] is not None:
+            dest_v.copy_(grads[2])
+        return grad, None, None, None, None
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    x1, x2 = x.chunk(2, dim=-1)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1·cos − x2·sin
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)  # x2·cos + x1·sin
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """The backward writes both halves' gradients into one buffer instead of concatenating them."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` whose gradients are computed in the forward pass, chunk by chunk.
+
+    For each chunk: logits → log-softmax → loss; then softmax − one-hot (in place) is the gradient of the
+    logits, pushed straight through the two matmuls into dL/dh and dL/dweight; backward only scales them. The
+    same matmuls as autograd, without a second forward through the LM head (checkpointing) or the several
+    vocabulary-sized buffers of autograd's log-softmax/NLL backward. Used under torch.compile too (written
+    without out= arguments), where no compiler would chunk the logits by itself.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax and sums in fp32 at least
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)
+        safe_targets = targets.clamp(min=0).unsqueeze(1)
+        # Rows with an ignored target get no gradient: masking the small (rows, d_model) operands of the
+        # matmuls is cheaper than masking the (rows, vocab) logits.
+        h_valid = h * valid.unsqueeze(1).to(h.dtype)
+        grad_h = []
+        grad_weight = torch.zeros_like(weight, dtype=acc)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc, vc = h[i : i + chunk], safe_targets[i : i + chunk], valid[i : i + chunk]
+            logits = (hc @ weight.t()).to(acc)
+            logprobs = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one vocabulary-sized buffer
+            total = total - logprobs.gather(1, tc).squeeze(1).masked_fill(~vc, 0.0).sum()
+            grad_logits = logprobs.exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=acc)).to(h.dtype)
+            grad_h.append((grad_logits @ weight.to(h.dtype)).masked_fill_(~vc.unsqueeze(1), 0.0))
+            grad_weight.addmm_(grad_logits.t(), h_valid[i : i + chunk].to(acc))
+        ctx.save_for_backward(torch.cat(grad_h), grad_weight, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return grad_h * scale.to(grad_h.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
