@@ -15,18 +15,12 @@ Goals: overhead ≤ 30 s + 3 % embedded, ≤ 10 s + 3 % with a server; no-op rer
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this folder comes first on sys.path, where bench/tokenize.py shadows the standard library's
-# `tokenize`: take the folder off the path before anything else loads.
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import importlib
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -10,26 +10,20 @@ itself), trains the tokenizer stage on the 1× corpus, then measures in one run:
   fresh processes (best wall and CPU time). Goal ≥ 0.8×.
 - memory: peak RSS of the tokenize stage in a fresh process on the 1× and the 8× corpus. Goal ≤ 1.2× growth.
 
-Usage: python bench/tokenize.py [--rounds 3] [--repeats 3] [--vocab-size 4096]
+Usage: python bench/tokenize_stage.py [--rounds 3] [--repeats 3] [--vocab-size 4096]
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path and its name shadows the standard library's
-# `tokenize` (which `inspect` and `linecache` import): take the folder off the path before anything else loads.
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import argparse
 import importlib.metadata
 import importlib.util
 import json
+import os
 import random
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
