@@ -134,5 +134,8 @@ def serve_lifecycle(
         from flows.lifecycle import lifecycle
 
         print(f"serving {lifecycle.name}/{name} on {url} with cron {cron!r} (Ctrl-C stops)", flush=True)
+        # A process started in the background by a non-interactive shell inherits SIGINT as *ignored*, and Python
+        # then never raises KeyboardInterrupt: restore it so Ctrl-C / SIGINT always stops serving.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(workspace)
         lifecycle.serve(name=name, cron=cron, parameters=parameters, limit=limit, print_starting_message=True)
