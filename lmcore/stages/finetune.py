@@ -58,18 +58,10 @@ class Task:
 
 
 def run(config: Config, paths: Paths) -> dict:
-    from lmcore.train.distributed import destroy_distributed, init_distributed
-    from lmcore.train.runtime import make_deterministic, pick_device, set_threads
+    from lmcore.train.distributed import training_process
 
-    cfg = config.finetune
-    set_threads(cfg.threads)
-    device_type = pick_device(cfg.device)
-    make_deterministic(device_type)
-    env = init_distributed(device_type)
-    try:
+    with training_process(config.finetune) as env:
         return _run(config, paths, env)
-    finally:
-        destroy_distributed()
 
 
 def _run(config: Config, paths: Paths, env: DistEnv) -> dict:

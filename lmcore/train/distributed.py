@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,21 @@ def destroy_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def training_process(train_cfg: Any) -> Iterator[DistEnv]:
+    """Threads, device, determinism and (under torchrun) the process group of a training stage, torn down after."""
+    from lmcore.train.runtime import make_deterministic, pick_device, set_threads
+
+    set_threads(train_cfg.threads)
+    device_type = pick_device(train_cfg.device)
+    make_deterministic(device_type)
+    env = init_distributed(device_type)
+    try:
+        yield env
+    finally:
+        destroy_distributed()
 
 
 def barrier(env: DistEnv) -> None:
