@@ -226,16 +226,7 @@ def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
         f"{'tied' if config.tie_embeddings else 'separate'} input/output embeddings. Weights are fp32 safetensors.",
         "",
     ]
-    data = card.get("data")
-    if data:
-        lines += ["## Training data", ""]
-        lines += [f"- {item}" for item in data] if isinstance(data, list | tuple) else [str(data)]
-        lines.append("")
-    for heading, table in (("Training settings", card.get("params")), ("Metrics", card.get("metrics"))):
-        if table:
-            lines += [f"## {heading}", "", "| name | value |", "|---|---|"]
-            lines += [f"| {key} | {_cell(value)} |" for key, value in sorted(table.items())]
-            lines.append("")
+    lines += _card_sections(card)
     lines += [
         "## Use",
         "",
@@ -259,6 +250,22 @@ def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_sections(card: dict) -> list[str]:
+    """The model-card sections every export shares: training data, training settings and metrics."""
+    lines: list[str] = []
+    data = card.get("data")
+    if data:
+        lines += ["## Training data", ""]
+        lines += [f"- {item}" for item in data] if isinstance(data, list | tuple) else [str(data)]
+        lines.append("")
+    for heading, table in (("Training settings", card.get("params")), ("Metrics", card.get("metrics"))):
+        if table:
+            lines += [f"## {heading}", "", "| name | value |", "|---|---|"]
+            lines += [f"| {key} | {_cell(value)} |" for key, value in sorted(table.items())]
+            lines.append("")
+    return lines
 
 
 def _cell(value: Any) -> str:
@@ -446,16 +453,7 @@ def classifier_card(config: ModelConfig, labels: list[str], card: dict[str, Any]
         *[f"| {i} | {_cell(label)} |" for i, label in enumerate(labels)],
         "",
     ]
-    data = card.get("data")
-    if data:
-        lines += ["## Training data", ""]
-        lines += [f"- {item}" for item in data] if isinstance(data, list | tuple) else [str(data)]
-        lines.append("")
-    for heading, table in (("Training settings", card.get("params")), ("Metrics", card.get("metrics"))):
-        if table:
-            lines += [f"## {heading}", "", "| name | value |", "|---|---|"]
-            lines += [f"| {key} | {_cell(value)} |" for key, value in sorted(table.items())]
-            lines.append("")
+    lines += _card_sections(card)
     lines += [
         "## Use",
         "",
