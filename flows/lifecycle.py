@@ -2,18 +2,18 @@
 
 Design choices:
 - DVC owns the graph. The flow reads the stage list and order from DVC itself (`Repo.index.graph`) and runs
-  each stage as `dvc repro --single-item NAME`, so dvc.lock is written exactly as `dvc repro` writes it. A stage
-  DVC finds up to date (`dvc status`, asked in this process: ~0.2 s instead of a ~1.5 s `dvc repro` that skips)
-  is reported as a Completed state named "Skipped" ("Restored" when DVC checks outputs out of its run cache).
-  Stages run one at a time: DVC locks the repository during a repro anyway.
-- A stage runs in its own process group. Its output streams into the task log; a timeout, a cancelled or
-  interrupted flow stops the whole group: SIGTERM to the stage command first (the trainers checkpoint on it, and
-  DVC then exits cleanly and frees its lock), then to the group, SIGKILL after `flow.kill_grace_s`. DVC does not
-  forward signals to its stage command, hence the group.
-- Tracking: the flow opens the MLflow parent run and hands its id to the stage processes (LMCYCLE_PARENT_RUN_ID);
-  each `lmcycle stage` logs its own child run (plain `dvc repro` is tracked the same way). Under the flow a stage
-  writes its events to a spool directory and this process logs them (lmcore.tracking.SpoolForwarder), so stage
-  processes never import mlflow.
+  each stage with DVC's API in this process (`Repo.reproduce(NAME, single_item=True)`, what `dvc repro
+  --single-item NAME` calls), so dvc.lock is written exactly as `dvc repro` writes it, without paying a DVC process
+  per stage. `dvc status` is asked once at the start: a stage up to date then, with nothing upstream run since,
+  is reported as a Completed state named "Skipped" without asking again ("Restored" when DVC checks outputs out
+  of its run cache). Stages run one at a time: DVC locks the repository during a repro anyway.
+- A stage's command runs in its own session. Its output streams into the task log; a timeout, a cancelled or
+  interrupted flow stops the whole group: SIGTERM (the trainers checkpoint on it), SIGKILL after
+  `flow.kill_grace_s`. `lmcycle stage …` commands are forked from a warm interpreter (flows.stagehost) that has
+  imported torch and the rest while the flow started, so a stage costs its work, not its imports.
+- Tracking: the flow opens the MLflow parent run in the background while the first stages run. Under the flow a
+  stage writes its events to a spool directory and this process logs them as a child run of the parent
+  (lmcore.tracking.SpoolForwarder), so stage processes never import mlflow; plain `dvc repro` stages log their own.
 - One flow run per workspace at a time: the `.lmcycle/lock` file lock (see lmcore.workspace).
 """
 
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,26 @@ def _address(stage: Any, root: str | Path) -> str:
     return f"{dvcfile.relative_to(Path(root).resolve()).as_posix()}:{stage.name}"
 
 
-def up_to_date(root: str | Path, name: str) -> bool:
-    """`dvc status NAME` in this process: a quarter of a second, against ~1.5 s for a `dvc repro` that skips."""
+def _target(root: str | Path, name: str) -> str:
+    """A stage address DVC resolves the same whatever this process's working directory is."""
+    path, _, stage = name.rpartition(":")
+    return f"{Path(root).resolve() / (path or 'dvc.yaml')}:{stage}"
+
+
+def stale_stages(root: str | Path, names: list[str]) -> set[str]:
+    """The stages `dvc status` finds changed, asked once, in this process (a `dvc repro` that skips costs ~1.5 s)."""
     from dvc.repo import Repo
 
-    path, _, stage = name.rpartition(":")
-    target = f"{Path(root).resolve() / (path or 'dvc.yaml')}:{stage}"  # absolute: our cwd may be elsewhere
+    if not names:
+        return set()
     with Repo(str(root)) as repo:
-        return not repo.status(targets=[target])
+        changed = repo.status(targets=[_target(root, n) for n in names])
+    stale = set()
+    for name in names:
+        stage = name.rpartition(":")[2]
+        if any(key == name or key.endswith(f":{stage}") for key in changed):
+            stale.add(name)
+    return stale
 
 
 def select_stages(order: list[str], upstream: dict[str, set[str]], until: str | None) -> list[str]:
@@ -128,41 +140,130 @@ def group_alive(pgid: int) -> list[int]:
     return alive
 
 
-def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """Stop DVC and everything it started: SIGTERM to the stage commands, then the group, SIGKILL after grace."""
-    import psutil
-
-    pgid = proc.pid  # start_new_session: the group id is the leader's pid
+def stop_group(proc: Any, grace_s: float) -> None:
+    """Stop a stage command and everything it started: SIGTERM to its process group (a trainer checkpoints on
+    it), SIGKILL to what is left after `grace_s`. `proc` leads its own session (a Popen or a HostedProcess)."""
+    pgid = proc.pid
     deadline = time.monotonic() + grace_s
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.send_signal(signal.SIGTERM)
-    psutil.wait_procs(children, timeout=max(0.0, grace_s / 2))
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
     while group_alive(pgid) and time.monotonic() < deadline:
         proc.poll()
-        time.sleep(0.1)
+        time.sleep(0.05)
     if group_alive(pgid):
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The stage subprocess's environment: ours, this interpreter's bin/ first on PATH (DVC runs `lmcycle stage`
-    by name), unbuffered output (so it streams), plus `extra`."""
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    """What a stage command's environment adds to ours: this interpreter's bin/ first on PATH (DVC runs
+    `lmcycle stage` by name), unbuffered output (so it streams), plus `extra`."""
+    env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+class _CommandRunner:
+    """Runs a stage's command for DVC (in place of `dvc.stage.run._run`, same signature).
+
+    The command leads its own session, so a timeout or an interrupted flow stops its whole tree; its output goes
+    line by line to `on_line`; `lmcycle stage …` commands are forked by the warm stage host when there is one.
+    """
+
+    def __init__(self, deadline: float, grace_s: float, on_line: Callable[[str], None], host: Any = None):
+        self.deadline, self.grace_s, self.on_line, self.host = deadline, grace_s, on_line, host
+        self.timed_out = threading.Event()
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.exit_code: int | None = None
+
+    def __call__(self, executable: str | None, cmd: str, **kwargs: Any) -> None:
+        from dvc.stage.exceptions import StageCmdFailedError
+
+        proc = self._start(executable, cmd, kwargs["cwd"], kwargs["env"])
+        timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._on_timeout, [proc])
+        timer.daemon = True
+        timer.start()
+        try:
+            for raw in proc.stdout:
+                for line in raw.rstrip("\n").split("\r"):
+                    if line.strip():
+                        self.line(line)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None or group_alive(proc.pid):
+                stop_group(proc, self.grace_s)
+            proc.stdout.close()
+        self.exit_code = code
+        if code != 0:
+            raise StageCmdFailedError(cmd, code)
+
+    def line(self, text: str) -> None:
+        self.tail.append(text)
+        self.on_line(text)
+
+    def _on_timeout(self, proc: Any) -> None:
+        self.timed_out.set()
+        stop_group(proc, self.grace_s)
+
+    def _start(self, executable: str | None, cmd: str, cwd: str, env: dict[str, str]) -> Any:
+        import shlex
+
+        from dvc.stage.run import _make_cmd
+
+        argv = shlex.split(cmd)
+        if self.host is not None and argv[:2] == ["lmcycle", "stage"] and self.host.alive():
+            try:
+                return self.host.spawn(argv, cwd, env)
+            except OSError as err:
+                self.line(f"warm stage host unavailable ({err}); starting a fresh process")
+        return subprocess.Popen(
+            _make_cmd(executable, cmd),
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
+
+
+@contextlib.contextmanager
+def _dvc_runs_commands_with(runner: _CommandRunner) -> Iterator[None]:
+    """DVC has no hook for how a stage's command is executed, and the flow needs its output, its process group
+    and its timeout: swap in `runner` for the one private function that starts it (the DVC version is pinned in
+    requirements.lock; tests exercise this path), and DVC's INFO log lines go to the same place."""
+    import logging
+
+    import dvc.stage.run as dvc_run
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):
+                for line in record.getMessage().splitlines():
+                    if line.strip():
+                        runner.line(line)
+
+    dvc_logger = logging.getLogger("dvc")
+    handler, saved = Forward(logging.INFO), (dvc_logger.level, dvc_logger.propagate)
+    original = dvc_run._run
+    dvc_run._run = runner
+    dvc_logger.addHandler(handler)
+    dvc_logger.setLevel(logging.INFO)
+    dvc_logger.propagate = False
+    try:
+        yield
+    finally:
+        dvc_run._run = original
+        dvc_logger.removeHandler(handler)
+        dvc_logger.setLevel(saved[0])
+        dvc_logger.propagate = saved[1]
 
 
 def run_dvc_stage(
@@ -174,62 +275,32 @@ def run_dvc_stage(
     grace_s: float = 10.0,
     env: dict[str, str] | None = None,
     on_line: Callable[[str], None] = print,
+    host: Any = None,
 ) -> StageResult:
-    """`dvc repro --single-item NAME` in its own process group, streaming its output line by line."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
-    if force:
-        cmd.append("--force")
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    seen = {"ran": False, "skipped": False, "restored": False}
+    """`dvc repro --single-item NAME` through DVC's API in this process: DVC decides, runs the command and writes
+    dvc.lock exactly as the CLI does; the command itself runs in its own session (see `_CommandRunner`)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
     started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=root,
-        env=stage_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        text=True,
-        errors="replace",
-        bufsize=1,
-    )
-    timed_out = threading.Event()
-
-    def on_timeout() -> None:
-        timed_out.set()
-        stop_group(proc, grace_s)
-
-    timer = threading.Timer(timeout_s, on_timeout)
-    timer.daemon = True
-    timer.start()
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            for line in raw.rstrip("\n").split("\r"):
-                if not line.strip():
-                    continue
-                tail.append(line)
-                on_line(line)
-                seen["ran"] |= bool(_RAN.search(line))
-                seen["skipped"] |= bool(_SKIPPED.search(line))
-                seen["restored"] |= bool(_RESTORED.search(line))
-        code = proc.wait()
-    finally:
-        timer.cancel()
-        if proc.poll() is None or group_alive(proc.pid):
-            stop_group(proc, grace_s)
-    if timed_out.is_set():
-        state = "timeout"
-    elif code != 0:
-        state = "failed"
-    elif seen["restored"] and not seen["ran"]:
-        state = "restored"
-    elif seen["skipped"] and not seen["ran"]:
-        state = "skipped"
-    else:
-        state = "ran"
-    return StageResult(name, state, round(time.monotonic() - started, 3), proc.returncode or 0, "\n".join(tail))
+    runner = _CommandRunner(started + timeout_s, grace_s, on_line, host)
+    error: DvcException | None = None
+    reproduced: list[Any] = []
+    with _dvc_runs_commands_with(runner), Repo(str(root)) as repo:
+        try:
+            reproduced = repo.reproduce(_target(root, name), single_item=True, force=force, run_env=stage_env(env))
+        except DvcException as err:
+            error = err
+            runner.line(f"ERROR: {err}{f': {err.__cause__}' if err.__cause__ else ''}")
+    tail = "\n".join(runner.tail)
+    seconds = round(time.monotonic() - started, 3)
+    if error is not None:
+        state = "timeout" if runner.timed_out.is_set() else "failed"
+        return StageResult(name, state, seconds, runner.exit_code or 1, tail)
+    if not reproduced:
+        return StageResult(name, "skipped", seconds, 0, tail)
+    restored = runner.exit_code is None and _RESTORED.search(tail) is not None
+    return StageResult(name, "restored" if restored else "ran", seconds, 0, tail)
 
 
 # --- tasks -------------------------------------------------------------------------------------------------
@@ -247,32 +318,35 @@ def dvc_stage(
     timeout_s: float,
     grace_s: float,
     env: dict[str, str],
-    experiment: str | None = None,
+    current: bool = False,
+    tracking: Any = None,
+    host: Any = None,
 ) -> Any:
     """One DVC stage. A Completed state named Skipped/Restored when DVC did not run its command.
 
-    With a parent MLflow run, the stage's events come back through a spool directory and are logged here.
+    `current`: DVC found the stage up to date when the flow started and nothing upstream has run since, so
+    there is nothing to ask DVC. With `tracking` (a `_ParentRun`), the stage's events come back through a spool
+    directory and are logged here.
     """
     import shutil
     import uuid
 
-    from lmcore.tracking import SPOOL_ENV, SpoolForwarder, connect
+    from lmcore.tracking import SPOOL_ENV
 
     logger = get_run_logger()
     root = Path(workspace)
-    if not force and up_to_date(root, name):
+    if current and not force:
         logger.info("Stage '%s' didn't change (dvc status), skipping", name)
         return Completed(name="Skipped", message="DVC: up to date", data=StageResult(name, "skipped", 0.0, 0).summary())
     forwarder: Any = contextlib.nullcontext()
     spool = root / ".lmcycle" / "spool" / uuid.uuid4().hex
-    if experiment and env.get("LMCYCLE_PARENT_RUN_ID"):
-        client, experiment_id = connect(root, experiment)
-        forwarder = SpoolForwarder(spool, client, experiment_id)
+    if tracking is not None:
+        forwarder = tracking.forwarder(spool)
         env = {**env, SPOOL_ENV: str(spool)}
     try:
         with forwarder:
             result = run_dvc_stage(
-                name, root, force=force, timeout_s=timeout_s, grace_s=grace_s, env=env, on_line=logger.info
+                name, root, force=force, timeout_s=timeout_s, grace_s=grace_s, env=env, on_line=logger.info, host=host
             )
     finally:
         shutil.rmtree(spool, ignore_errors=True)
@@ -280,7 +354,7 @@ def dvc_stage(
         why = f"timed out after {timeout_s:g} s (flow.stage_timeout_s)"
         if result.state == "failed":
             code = _COMMAND_EXIT.findall(result.tail)
-            why = f"exited with code {code[-1]}" if code else f"failed (dvc exited with code {result.returncode})"
+            why = f"exited with code {code[-1]}" if code else "failed in DVC (see its last lines)"
         create_markdown_artifact(
             key=f"{_artifact_key(name)}-failure",
             markdown=f"# Stage `{name}` {why}\n\nLast {TAIL_LINES} lines of output:\n\n```\n{result.tail}\n```\n",
@@ -337,7 +411,7 @@ def lifecycle(
     root = Path(workspace).resolve()
     params_file = root / "params.yaml"
     lock_timeout = validate(read_params(params_file), str(params_file)).flow.lock_timeout_s
-    with workspace_lock(root, lock_timeout):
+    with workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
         config = apply_overrides(list(overrides or []), params_file)
         order, upstream = stage_graph(root)
         selected = select_stages(order, upstream, until)
@@ -350,7 +424,11 @@ def lifecycle(
         report: dict[str, Any] = {"stages": [], "failed": "", "workspace": str(root)}
         status = "FAILED"
         try:
-            _run_graph(root, config, selected, set(force or []), run, report)
+            stale = stale_stages(root, selected)
+            if host is not None and not stale and not force:
+                host.close()  # nothing will run: give its core back
+                host = None
+            _run_graph(root, config, selected, upstream, stale, set(force or []), run, report, host)
             if register_model and until is None:
                 report["registration"] = (
                     _register(root, run) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
@@ -364,20 +442,50 @@ def lifecycle(
             with contextlib.suppress(Exception):
                 _publish(root, report, run)
             if run is not None:
-                run.end(status)
+                run.end(status, report)
     return report
 
 
+@contextlib.contextmanager
+def _warm_stage_host(root: Path) -> Iterator[Any]:
+    """The warm interpreter that forks `lmcycle stage` commands (flows.stagehost), for the length of a flow run;
+    None when LMCYCLE_WARM_STAGES=0 or it cannot start (stages then start as fresh processes)."""
+    from flows.stagehost import StageHost, warm_stages_enabled
+
+    host = None
+    if warm_stages_enabled():
+        try:
+            (root / ".lmcycle").mkdir(exist_ok=True)
+            host = StageHost.start(root, {**os.environ, **stage_env()}, log=root / ".lmcycle" / "stagehost.log")
+        except OSError as err:
+            print(f"lmcycle: warm stage host not started ({err}); stages start as fresh processes")
+    try:
+        yield host
+    finally:
+        if host is not None:
+            host.close()
+
+
 def _run_graph(
-    root: Path, config: Any, selected: list[str], force: set[str], run: _ParentRun | None, report: dict[str, Any]
+    root: Path,
+    config: Any,
+    selected: list[str],
+    upstream: dict[str, set[str]],
+    stale: set[str],
+    force: set[str],
+    run: _ParentRun | None,
+    report: dict[str, Any],
+    host: Any,
 ) -> None:
+    """The selected stages in order. A stage DVC found up to date at the start is skipped without asking DVC
+    again unless a stage it depends on has run since; otherwise DVC decides (and may still skip it)."""
     from prefect.runtime import flow_run
 
     env = {"LMCYCLE_FLOW_RUN_ID": str(flow_run.id or "")}
-    if run is not None:
-        env["LMCYCLE_PARENT_RUN_ID"] = run.run_id
     stage_task = dvc_stage.with_options(retries=config.flow.retries, retry_delay_seconds=config.flow.retry_delay_s)
+    changed: set[str] = set()
     for name in selected:
+        current = name not in stale and not (upstream[name] & changed)
         started = time.monotonic()
         state = stage_task.with_options(task_run_name=name)(
             name,
@@ -386,7 +494,9 @@ def _run_graph(
             config.flow.stage_timeout_s,
             config.flow.kill_grace_s,
             env,
-            config.project.experiment if run is not None else None,
+            current,
+            run,
+            host,
             return_state=True,
         )
         seconds = round(time.monotonic() - started, 2)
@@ -397,8 +507,8 @@ def _run_graph(
             raise StageFailed(report["failed"])
         result = state.result()
         report["stages"].append({"name": name, "state": result["state"], "seconds": seconds})
-        if run is not None:
-            run.log_metrics({f"stage_seconds.{name}": seconds})
+        if result["state"] in {"ran", "restored"}:
+            changed.add(name)
 
 
 def _register(root: Path, run: _ParentRun) -> dict[str, Any]:
@@ -417,14 +527,22 @@ def _register(root: Path, run: _ParentRun) -> dict[str, Any]:
 
 
 class _ParentRun:
-    """The MLflow run that groups one flow run (its stages are child runs)."""
+    """The MLflow run that groups one flow run (its stages are child runs).
 
-    def __init__(self, client: Any, run_id: str, root: Path):
-        self.client, self.run_id, self.root = client, run_id, root
+    It is opened in a background thread (importing mlflow and opening its store takes seconds) while the first
+    stages run: a stage's events wait in its spool until the run exists, and whatever needs the run waits for it.
+    The tracking store is checked (in seconds, with one clear line) before that, so nothing runs against a store
+    that does not answer.
+    """
+
+    def __init__(self, root: Path, opened: Any):
+        self.root, self._opened = root, opened
         self.ended = False
 
     @classmethod
     def start(cls, root: Path, config: Any, overrides: list[str], until: str | None, force: list[str]) -> _ParentRun:
+        from concurrent.futures import ThreadPoolExecutor
+
         from prefect.runtime import flow_run
 
         from lmcore.tracking import check_tracking, start_parent_run, tracking_uri
@@ -440,8 +558,42 @@ class _ParentRun:
             "lmcycle.force": ",".join(force),
             "lmcycle.dvc_lock_hash_before": dvc_lock_hash(root),
         }
-        client, run_id = start_parent_run(root, config, str(flow_run.name or FLOW_NAME), tags)
-        return cls(client, run_id, root)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcycle-parent-run")
+        opened = pool.submit(start_parent_run, root, config, str(flow_run.name or FLOW_NAME), tags)
+        pool.shutdown(wait=False)
+        return cls(root, opened)
+
+    @property
+    def client(self) -> Any:
+        return self._opened.result()[0]
+
+    @property
+    def run_id(self) -> str:
+        return self._opened.result()[1]
+
+    @contextlib.contextmanager
+    def forwarder(self, spool: Path) -> Iterator[None]:
+        """Forward a stage's spool to its child run of this run, as soon as this run exists."""
+        from lmcore.tracking import SpoolForwarder
+
+        spool.mkdir(parents=True, exist_ok=True)
+        attached: dict[str, Any] = {}
+
+        def attach() -> None:
+            with contextlib.suppress(Exception):  # a failed start surfaces below, from the future
+                client, run_id, experiment_id = self._opened.result()
+                attached["forwarder"] = SpoolForwarder(spool, client, experiment_id, parent_run_id=run_id).__enter__()
+
+        waiter = threading.Thread(target=attach, name="lmcycle-spool-attach", daemon=True)
+        waiter.start()
+        try:
+            yield
+        finally:
+            waiter.join()
+            if "forwarder" in attached:
+                attached["forwarder"].__exit__(None, None, None)
+            else:
+                self._opened.result()  # raises why the run could not be opened
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         from lmcore.tracking import MLflowReporter
@@ -458,13 +610,14 @@ class _ParentRun:
 
         return run_link(self.client, self.run_id)
 
-    def end(self, status: str) -> None:
+    def end(self, status: str, report: dict[str, Any]) -> None:
         if self.ended:
             return
         from lmcore.workspace import dvc_lock_hash
 
         self.ended = True
         try:
+            self.log_metrics({f"stage_seconds.{s['name']}": s["seconds"] for s in report["stages"]})
             self.set_tags({"lmcycle.dvc_lock_hash": dvc_lock_hash(self.root)})
         finally:
             self.client.set_terminated(self.run_id, status)

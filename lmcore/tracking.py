@@ -4,8 +4,9 @@ Design choices:
 - The tracking URI is `MLFLOW_TRACKING_URI` when set, else `sqlite:///<workspace>/mlflow.db` with artifacts in
   `<workspace>/mlartifacts` (with any sqlite store, artifacts go beside the database). The workspace is the
   *original* one, so stages that DVC runs in temporary experiment copies still log to the workspace's MLflow.
-- Every stage process logs its own run (so plain `dvc repro` is tracked too). A flow passes its parent run id in
-  LMCYCLE_PARENT_RUN_ID and the stage run becomes its child. LMCYCLE_TRACKING=off turns tracking off for a process.
+- Every stage process logs its own run (so plain `dvc repro` is tracked too); with LMCYCLE_PARENT_RUN_ID set it
+  becomes that run's child. Under a flow, the flow's forwarder makes it a child of the flow's run.
+  LMCYCLE_TRACKING=off turns tracking off for a process.
 - mlflow is imported only inside functions: `import mlflow` plus its sqlite store cost ~4 s per process. Under the
   flow a stage does not pay it at all: it appends its events to a spool file (LMCYCLE_SPOOL_DIR) and the flow
   process, which has mlflow loaded already, forwards them to the child run live (`SpoolForwarder`).
@@ -399,8 +400,16 @@ class SpoolForwarder:
     are sampled here (psutil reads the whole machine, so the flow process sees what the stage uses).
     """
 
-    def __init__(self, spool: Path, client: MlflowClient, experiment_id: str, interval_s: float = 1.0):
+    def __init__(
+        self,
+        spool: Path,
+        client: MlflowClient,
+        experiment_id: str,
+        interval_s: float = 1.0,
+        parent_run_id: str | None = None,
+    ):
         self.spool, self.client, self.experiment_id, self.interval_s = spool, client, experiment_id, interval_s
+        self.parent_run_id = parent_run_id
         self.files: dict[Path, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -444,7 +453,10 @@ class SpoolForwarder:
     def _apply(self, state: dict[str, Any], event: dict[str, Any]) -> None:
         op = event["op"]
         if op == "start":
-            run = self.client.create_run(self.experiment_id, run_name=event["stage"], tags=event["tags"])
+            tags = event["tags"]
+            if self.parent_run_id:
+                tags = {**tags, "mlflow.parentRunId": self.parent_run_id}
+            run = self.client.create_run(self.experiment_id, run_name=event["stage"], tags=tags)
             state.update(run_id=run.info.run_id, stage=event["stage"], root=event["root"])
             state["rep"] = rep = MLflowReporter(self.client, run.info.run_id)
             rep.log_params(event["params"])
@@ -559,14 +571,14 @@ def log_stage_inputs(rep: Reporter, root: Path, definition: dict[str, Any]) -> N
 # --- the flow's parent run ---------------------------------------------------------------------------------
 
 
-def start_parent_run(root: Path, config: Config, name: str, tags: dict[str, str]) -> tuple[MlflowClient, str]:
-    """The run that groups one flow run's stage runs; its id goes to the stages in LMCYCLE_PARENT_RUN_ID."""
+def start_parent_run(root: Path, config: Config, name: str, tags: dict[str, str]) -> tuple[MlflowClient, str, str]:
+    """The run that groups one flow run's stage runs: (client, run id, experiment id)."""
     client, experiment_id = connect(root, config.project.experiment)
     all_tags = {**lineage_tags(root), **environment_tags(root), **tags}
     clipped = {k: _text(v, MAX_TAG_CHARS) for k, v in all_tags.items()}
     run = client.create_run(experiment_id, run_name=name, tags=clipped)
     MLflowReporter(client, run.info.run_id).log_params(config.model_dump(mode="json"))
-    return client, run.info.run_id
+    return client, run.info.run_id, experiment_id
 
 
 def run_link(client: MlflowClient, run_id: str) -> str:
