@@ -115,16 +115,19 @@ def run(
             apply_overrides(set_ or [], root / "params.yaml")
             if tracking_enabled():
                 check_tracking(tracking_uri(root))
-            from flows.lifecycle import lifecycle
+            from flows.stagehost import prestarted
 
-            state = lifecycle(
-                workspace=str(root),
-                until=until,
-                force=force or [],
-                overrides=set_ or [],
-                register_model=register,
-                return_state=True,
-            )
+            with prestarted(root):  # it imports torch while Prefect starts
+                from flows.lifecycle import lifecycle
+
+                state = lifecycle(
+                    workspace=str(root),
+                    until=until,
+                    force=force or [],
+                    overrides=set_ or [],
+                    register_model=register,
+                    return_state=True,
+                )
     except LmcycleError as err:
         raise fail(str(err)) from None
     if not state.is_completed():

@@ -4,9 +4,8 @@ Design choices:
 - DVC owns the graph. The flow reads the stage list and order from DVC itself (`Repo.index.graph`) and runs
   each stage with DVC's API in this process (`Repo.reproduce(NAME, single_item=True)`, what `dvc repro
   --single-item NAME` calls), so dvc.lock is written exactly as `dvc repro` writes it, without paying a DVC process
-  per stage. `dvc status` is asked once at the start: a stage up to date then, with nothing upstream run since,
-  is reported as a Completed state named "Skipped" without asking again ("Restored" when DVC checks outputs out
-  of its run cache). Stages run one at a time: DVC locks the repository during a repro anyway.
+  per stage. A stage DVC finds up to date is reported as a Completed state named "Skipped" ("Restored" when DVC
+  checks its outputs out of its run cache). Stages run one at a time: DVC locks the repository during a repro.
 - A stage's command runs in its own session. Its output streams into the task log; a timeout, a cancelled or
   interrupted flow stops the whole group: SIGTERM (the trainers checkpoint on it), SIGKILL after
   `flow.kill_grace_s`. `lmcycle stage …` commands are forked from a warm interpreter (flows.stagehost) that has
@@ -26,7 +25,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +37,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from flows.stagehost import stage_env
 from lmcore.errors import LmcycleError
 
 FLOW_NAME = "lm-lifecycle"
@@ -84,22 +83,6 @@ def _target(root: str | Path, name: str) -> str:
     """A stage address DVC resolves the same whatever this process's working directory is."""
     path, _, stage = name.rpartition(":")
     return f"{Path(root).resolve() / (path or 'dvc.yaml')}:{stage}"
-
-
-def stale_stages(root: str | Path, names: list[str]) -> set[str]:
-    """The stages `dvc status` finds changed, asked once, in this process (a `dvc repro` that skips costs ~1.5 s)."""
-    from dvc.repo import Repo
-
-    if not names:
-        return set()
-    with Repo(str(root)) as repo:
-        changed = repo.status(targets=[_target(root, n) for n in names])
-    stale = set()
-    for name in names:
-        stage = name.rpartition(":")[2]
-        if any(key == name or key.endswith(f":{stage}") for key in changed):
-            stale.add(name)
-    return stale
 
 
 def select_stages(order: list[str], upstream: dict[str, set[str]], until: str | None) -> list[str]:
@@ -155,15 +138,6 @@ def stop_group(proc: Any, grace_s: float) -> None:
             os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-
-
-def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """What a stage command's environment adds to ours: this interpreter's bin/ first on PATH (DVC runs
-    `lmcycle stage` by name), unbuffered output (so it streams), plus `extra`."""
-    env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
 
 
 class _CommandRunner:
@@ -251,19 +225,18 @@ def _dvc_runs_commands_with(runner: _CommandRunner) -> Iterator[None]:
                         runner.line(line)
 
     dvc_logger = logging.getLogger("dvc")
-    handler, saved = Forward(logging.INFO), (dvc_logger.level, dvc_logger.propagate)
+    saved = (dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate)
     original = dvc_run._run
     dvc_run._run = runner
-    dvc_logger.addHandler(handler)
+    dvc_logger.handlers = [Forward(logging.INFO)]  # DVC's own console handlers would print the lines twice
     dvc_logger.setLevel(logging.INFO)
     dvc_logger.propagate = False
     try:
         yield
     finally:
         dvc_run._run = original
-        dvc_logger.removeHandler(handler)
-        dvc_logger.setLevel(saved[0])
-        dvc_logger.propagate = saved[1]
+        dvc_logger.handlers, dvc_logger.propagate = saved[0], saved[2]
+        dvc_logger.setLevel(saved[1])
 
 
 def run_dvc_stage(
@@ -318,15 +291,12 @@ def dvc_stage(
     timeout_s: float,
     grace_s: float,
     env: dict[str, str],
-    current: bool = False,
     tracking: Any = None,
     host: Any = None,
 ) -> Any:
     """One DVC stage. A Completed state named Skipped/Restored when DVC did not run its command.
 
-    `current`: DVC found the stage up to date when the flow started and nothing upstream has run since, so
-    there is nothing to ask DVC. With `tracking` (a `_ParentRun`), the stage's events come back through a spool
-    directory and are logged here.
+    With `tracking` (a `_ParentRun`), the stage's events come back through a spool directory and are logged here.
     """
     import shutil
     import uuid
@@ -335,9 +305,6 @@ def dvc_stage(
 
     logger = get_run_logger()
     root = Path(workspace)
-    if current and not force:
-        logger.info("Stage '%s' didn't change (dvc status), skipping", name)
-        return Completed(name="Skipped", message="DVC: up to date", data=StageResult(name, "skipped", 0.0, 0).summary())
     forwarder: Any = contextlib.nullcontext()
     spool = root / ".lmcycle" / "spool" / uuid.uuid4().hex
     if tracking is not None:
@@ -424,11 +391,7 @@ def lifecycle(
         report: dict[str, Any] = {"stages": [], "failed": "", "workspace": str(root)}
         status = "FAILED"
         try:
-            stale = stale_stages(root, selected)
-            if host is not None and not stale and not force:
-                host.close()  # nothing will run: give its core back
-                host = None
-            _run_graph(root, config, selected, upstream, stale, set(force or []), run, report, host)
+            _run_graph(root, config, selected, set(force or []), run, report, host)
             if register_model and until is None:
                 report["registration"] = (
                     _register(root, run) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
@@ -450,15 +413,9 @@ def lifecycle(
 def _warm_stage_host(root: Path) -> Iterator[Any]:
     """The warm interpreter that forks `lmcycle stage` commands (flows.stagehost), for the length of a flow run;
     None when LMCYCLE_WARM_STAGES=0 or it cannot start (stages then start as fresh processes)."""
-    from flows.stagehost import StageHost, warm_stages_enabled
+    from flows.stagehost import start_for, take_prestarted
 
-    host = None
-    if warm_stages_enabled():
-        try:
-            (root / ".lmcycle").mkdir(exist_ok=True)
-            host = StageHost.start(root, {**os.environ, **stage_env()}, log=root / ".lmcycle" / "stagehost.log")
-        except OSError as err:
-            print(f"lmcycle: warm stage host not started ({err}); stages start as fresh processes")
+    host = take_prestarted(root) or start_for(root)
     try:
         yield host
     finally:
@@ -470,22 +427,17 @@ def _run_graph(
     root: Path,
     config: Any,
     selected: list[str],
-    upstream: dict[str, set[str]],
-    stale: set[str],
     force: set[str],
     run: _ParentRun | None,
     report: dict[str, Any],
     host: Any,
 ) -> None:
-    """The selected stages in order. A stage DVC found up to date at the start is skipped without asking DVC
-    again unless a stage it depends on has run since; otherwise DVC decides (and may still skip it)."""
+    """The selected stages in order; DVC decides for each whether it runs."""
     from prefect.runtime import flow_run
 
     env = {"LMCYCLE_FLOW_RUN_ID": str(flow_run.id or "")}
     stage_task = dvc_stage.with_options(retries=config.flow.retries, retry_delay_seconds=config.flow.retry_delay_s)
-    changed: set[str] = set()
     for name in selected:
-        current = name not in stale and not (upstream[name] & changed)
         started = time.monotonic()
         state = stage_task.with_options(task_run_name=name)(
             name,
@@ -494,7 +446,6 @@ def _run_graph(
             config.flow.stage_timeout_s,
             config.flow.kill_grace_s,
             env,
-            current,
             run,
             host,
             return_state=True,
@@ -507,8 +458,6 @@ def _run_graph(
             raise StageFailed(report["failed"])
         result = state.result()
         report["stages"].append({"name": name, "state": result["state"], "seconds": seconds})
-        if result["state"] in {"ran", "restored"}:
-            changed.add(name)
 
 
 def _register(root: Path, run: _ParentRun) -> dict[str, Any]:

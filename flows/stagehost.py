@@ -68,6 +68,15 @@ def warm_stages_enabled() -> bool:
     return os.environ.get(WARM_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What a stage command's environment adds to ours: this interpreter's bin/ first on PATH (DVC runs
+    `lmcycle stage` by name), unbuffered output (so it streams), plus `extra`."""
+    env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
 # --- the host process ---------------------------------------------------------------------------------------
 
 
@@ -343,6 +352,45 @@ class StageHost:
         with contextlib.suppress(OSError):
             self.socket_path.unlink(missing_ok=True)
             self.folder.rmdir()
+
+
+# --- one host per flow run ---------------------------------------------------------------------------------
+
+_prestarted: dict[Path, StageHost] = {}
+
+
+def start_for(root: Path) -> StageHost | None:
+    """A host for the workspace `root`, or None when LMCYCLE_WARM_STAGES=0 or it cannot start (stages then start
+    as fresh processes)."""
+    if not warm_stages_enabled():
+        return None
+    try:
+        (root / ".lmcycle").mkdir(exist_ok=True)
+        return StageHost.start(root, {**os.environ, **stage_env()}, log=root / ".lmcycle" / "stagehost.log")
+    except OSError as err:
+        print(f"lmcycle: warm stage host not started ({err}); stages start as fresh processes", file=sys.stderr)
+        return None
+
+
+@contextlib.contextmanager
+def prestarted(root: Path) -> Any:
+    """Start the host before the flow is even imported (`lmcycle run`), for the flow to adopt; closed here if the
+    flow never took it."""
+    root = root.resolve()
+    host = start_for(root)
+    if host is not None:
+        _prestarted[root] = host
+    try:
+        yield
+    finally:
+        left = _prestarted.pop(root, None)
+        if left is not None:
+            left.close()
+
+
+def take_prestarted(root: Path) -> StageHost | None:
+    host = _prestarted.pop(root.resolve(), None)
+    return host if host is not None and host.alive() else None
 
 
 def main() -> None:
