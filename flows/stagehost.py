@@ -2,15 +2,15 @@
 
 Why by hand: before it does any work a stage process spends 3–5 s importing torch, torch._dynamo (which every
 torch optimizer pulls in), transformers and matplotlib, and a small run does less work than that. The standard
-library's forkserver cannot give a child the caller's stdout, environment, working directory and own session,
+library's forkserver cannot give a child the caller's stdout, environment, working directory and own process group,
 which a stage needs to behave exactly like the process DVC would have started. The host:
 - binds its Unix socket first, then imports the stages' libraries one module at a time, serving requests between
   imports (an early stage never waits for torch);
 - stays single-threaded and never runs torch work itself, so a fork of it is as clean as a fresh interpreter;
-- forks one child per request. The child starts its own session (its process group can be signalled as a whole,
-  as with `start_new_session=True`), takes the caller's pipe as stdout and stderr, its environment and working
-  directory, runs the `lmcycle` command line and exits with its status. The host reports the child's pid at once
-  and its exit status when it ends;
+- forks one child per request. The child leads its own process group (it can be signalled as a whole, as with
+  `start_new_session=True`; the host itself runs in a session of its own, without a terminal), takes the caller's
+  pipe as stdout and stderr, its environment and working directory, runs the `lmcycle` command line and exits
+  with its status. The host reports the child's pid at once and its exit status when it ends;
 - exits when its stdin closes (the flow process ended, however it ended), stopping any child still running.
 
 Client side: `StageHost.start()` in the flow process, `StageHost.spawn(argv, cwd, env)` → a `HostedProcess`
@@ -144,6 +144,8 @@ def _serve_request(conn: socket.socket, listener: socket.socket, children: dict[
         listener.close()
         conn.close()
         _run_child(request, fds[0])
+    with contextlib.suppress(OSError):  # also here, so that the group exists before anyone is told the pid
+        os.setpgid(pid, pid)
     os.close(fds[0])
     children[pid] = conn
     _reply(conn, {"pid": pid})
@@ -152,7 +154,7 @@ def _serve_request(conn: socket.socket, listener: socket.socket, children: dict[
 def _run_child(request: dict[str, Any], out_fd: int) -> None:
     code = 1
     try:
-        os.setsid()
+        os.setpgid(0, 0)  # its own process group, as with start_new_session=True (the host has no terminal)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(out_fd, 1)

@@ -1,0 +1,84 @@
+"""The warm stage host: a forked `lmcycle stage` behaves like the fresh process DVC would start (the caller's
+argv, environment and directory, its output and exit status, bit-identical results, its own process group), and
+nothing it forked outlives a timeout or the host itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import copy_workspace
+
+from flows.lifecycle import group_alive, stop_group
+from flows.stagehost import HostedProcess, StageHost, stage_env
+
+
+@pytest.fixture
+def host(tmp_path: Path):
+    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off"}
+    elsewhere = tmp_path / "host-cwd"
+    elsewhere.mkdir()
+    started = StageHost.start(elsewhere, env)  # not the workspace: a child must take the caller's directory
+    yield started
+    started.close()
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def read_until(proc: HostedProcess, marker: str, timeout_s: float = 120.0) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while marker not in seen:
+        assert time.monotonic() < deadline, seen[-2000:]
+        line = proc.stdout.readline()
+        assert line, f"output ended before {marker!r}:\n{seen[-2000:]}"
+        seen += line
+    return seen
+
+
+def test_a_hosted_stage_matches_a_fresh_process_bit_for_bit(tmp_path, pretrained_workspace, host):
+    hosted = copy_workspace(pretrained_workspace, tmp_path / "hosted")
+    fresh = copy_workspace(pretrained_workspace, tmp_path / "fresh")
+    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off", "LMCYCLE_PROBE": "from-the-caller"}
+
+    proc = host.spawn(["lmcycle", "stage", "finetune"], hosted, env)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, out
+    assert "stage finetune" in out  # its output came through the caller's pipe
+    assert not (hosted / "mlflow.db").exists()  # LMCYCLE_TRACKING=off reached it: the caller's environment
+    assert not (tmp_path / "host-cwd" / "models").exists()  # it ran in the caller's directory
+
+    ran = subprocess.run(["lmcycle", "stage", "finetune"], cwd=fresh, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    weights = "models/finetune/hf/model.safetensors"
+    assert (hosted / weights).read_bytes() == (fresh / weights).read_bytes()
+
+    bad = host.spawn(["lmcycle", "stage", "nope"], hosted, env)
+    assert "unknown stage 'nope'" in bad.stdout.read()
+    assert bad.wait(timeout=30) == 2
+
+
+def test_a_stopped_hosted_stage_checkpoints_and_leaves_nothing_behind(tmp_path, pretrained_workspace, host):
+    long_run = {"steps": 100_000, "eval_every": 100_000, "checkpoint_every": 100_000}
+    ws = copy_workspace(pretrained_workspace, tmp_path / "ws", pretrain=long_run)
+    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off"}
+
+    proc = host.spawn(["lmcycle", "stage", "pretrain"], ws, env)
+    assert os.getpgid(proc.pid) == proc.pid  # it leads its own process group, like start_new_session=True
+    read_until(proc, "tok/s")  # training
+    stop_group(proc, grace_s=30.0)  # what a stage timeout does
+    assert proc.wait(timeout=30) != 0
+    assert any((ws / "checkpoints" / "pretrain").glob("step_*"))  # SIGTERM: the trainer saved first
+    assert not group_alive(proc.pid)
+
+    again = host.spawn(["lmcycle", "stage", "pretrain"], ws, env)
+    read_until(again, "tok/s")
+    host.close()  # the flow went away: the host stops what it forked before it exits
+    assert gone(again.pid)
+    assert not host.alive()
