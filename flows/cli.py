@@ -90,7 +90,8 @@ def stage(
         summary = run_stage(name, params)
     except LmcycleError as err:
         raise fail(str(err)) from None
-    print_summary(f"stage {name}", summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone speaks
+        print_summary(f"stage {name}", summary)
 
 
 @app.command()

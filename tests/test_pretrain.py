@@ -312,7 +312,8 @@ def test_ddp_on_two_processes_ends_with_identical_replicas(data_workspace, tmp_p
     single = copy_workspace(data_workspace, tmp_path / "single", **params)
     lmcycle("stage", "pretrain", cwd=single)
     ddp = copy_workspace(data_workspace, tmp_path / "ddp", **params)
-    torchrun(ddp)
+    out = torchrun(ddp)
+    assert (out.stdout + out.stderr).count("stage pretrain") == 1  # one summary: rank 0 alone speaks
     final = ddp / "checkpoints/pretrain/step_0000020"
     meta = json.loads((final / "meta.json").read_text())
     assert meta["world_size"] == 2
