@@ -195,17 +195,25 @@ def serve(
 @app.command(name="register")
 def register_(
     workspace: Annotated[Path, typer.Option(help="the workspace (DVC repository)")] = Path("."),
+    parent_run_id: Annotated[str, typer.Option(help="log the registration as a child of this MLflow run")] = "",
+    flow_run_id: Annotated[str, typer.Option(help="the Prefect flow run to record on the version")] = "",
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the result here as JSON")] = None,
 ) -> None:
     """Register the workspace's model in MLflow and apply the promotion gate (the flow's last task)."""
-    from lmcore.config import load_config
+    import json
+
+    from lmcore.config import atomic_write_text, load_config
     from lmcore.paths import Paths
     from lmcore.registry import register_model
 
     try:
         paths = Paths.of(workspace)
-        result = register_model(paths, load_config(paths.root / "params.yaml"))
+        config = load_config(paths.root / "params.yaml")
+        result = register_model(paths, config, parent_run_id or None, flow_run_id or None)
     except LmcycleError as err:
         raise fail(str(err)) from None
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result.as_dict(), default=str))
     print_summary(f"register {result.uri}", result.as_dict())
 
 

@@ -336,16 +336,51 @@ def dvc_stage(
 
 
 @task(cache_policy=NO_CACHE)
-def register(workspace: str, parent_run_id: str | None, flow_run_id: str | None) -> dict[str, Any]:
-    """Register the workspace's model in MLflow and run the promotion gate (see lmcore.registry)."""
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
-    from lmcore.registry import register_model
+def register(workspace: str, parent_run_id: str | None, flow_run_id: str | None, host: Any = None) -> dict[str, Any]:
+    """Register the workspace's model in MLflow and run the promotion gate (see lmcore.registry).
 
-    paths = Paths.of(workspace)
-    result = register_model(paths, load_config(paths.root / "params.yaml"), parent_run_id, flow_run_id)
-    get_run_logger().info("registered %s v%s (%s): %s", result.name, result.version, result.decision, result.reason)
-    return result.as_dict()
+    With a warm stage host it runs as `lmcycle register` forked from the host, which has transformers and
+    mlflow's transformers flavor imported already; otherwise here.
+    """
+    logger = get_run_logger()
+    if host is not None and host.alive():
+        result = _register_in_host(host, Path(workspace), parent_run_id, flow_run_id, logger.info)
+    else:
+        from lmcore.config import load_config
+        from lmcore.paths import Paths
+        from lmcore.registry import register_model
+
+        paths = Paths.of(workspace)
+        result = register_model(paths, load_config(paths.root / "params.yaml"), parent_run_id, flow_run_id).as_dict()
+    logger.info("registered %s v%s (%s): %s", result["name"], result["version"], result["decision"], result["reason"])
+    return result
+
+
+def _register_in_host(
+    host: Any, root: Path, parent_run_id: str | None, flow_run_id: str | None, on_line: Callable[[str], None]
+) -> dict[str, Any]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lmcycle-register-") as tmp:
+        out = Path(tmp) / "registration.json"
+        argv = ["lmcycle", "register", "--workspace", str(root), "--json", str(out)]
+        argv += ["--parent-run-id", parent_run_id or "", "--flow-run-id", flow_run_id or ""]
+        proc = host.spawn(argv, root, {**os.environ, **stage_env()})
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        try:
+            for line in proc.stdout:
+                if line.strip():
+                    tail.append(line.rstrip("\n"))
+                    on_line(tail[-1])
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                stop_group(proc, 10.0)
+            proc.stdout.close()
+        if code != 0 or not out.is_file():
+            last = next((t for t in reversed(tail) if t.startswith("error:")), tail[-1] if tail else "")
+            raise LmcycleError(f"registration failed (exit code {code}): {last.removeprefix('error: ')}")
+        return json.loads(out.read_text())
 
 
 # --- the flow ----------------------------------------------------------------------------------------------
@@ -394,7 +429,7 @@ def lifecycle(
             _run_graph(root, config, selected, set(force or []), run, report, host)
             if register_model and until is None:
                 report["registration"] = (
-                    _register(root, run) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
+                    _register(root, run, host) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
                 )
             status = "FINISHED"
         except BaseException as err:
@@ -460,7 +495,7 @@ def _run_graph(
         report["stages"].append({"name": name, "state": result["state"], "seconds": seconds})
 
 
-def _register(root: Path, run: _ParentRun) -> dict[str, Any]:
+def _register(root: Path, run: _ParentRun, host: Any = None) -> dict[str, Any]:
     from lmcore.config import load_config
     from lmcore.paths import Paths
     from lmcore.registry import model_to_register
@@ -470,7 +505,7 @@ def _register(root: Path, run: _ParentRun) -> dict[str, Any]:
         return {"skipped": "no model in this workspace yet (models/finetune/hf or models/pretrain/hf)"}
     from prefect.runtime import flow_run
 
-    result = register(str(root), run.run_id, str(flow_run.id or ""))
+    result = register(str(root), run.run_id, str(flow_run.id or ""), host)
     run.set_tags({f"lmcycle.registered_{k}": str(v) for k, v in result.items() if k in {"name", "version", "decision"}})
     return result
 

@@ -61,6 +61,9 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama",
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",
+    "mlflow",  # registration (`lmcycle register`), the flow's last step
+    "mlflow.transformers",
+    "lmcore.registry",
 ]
 
 
@@ -397,6 +400,9 @@ def take_prestarted(root: Path) -> StageHost | None:
 
 def main() -> None:
     serve(sys.argv[1], PRELOAD)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip tearing down torch and friends: nothing of the host's needs it, and it takes a second
 
 
 if __name__ == "__main__":
