@@ -1,6 +1,7 @@
 """Sampling from an lmcore Transformer with a KV cache: greedy, temperature, top-k, top-p, repetition penalty.
 
-The prompt is run once (prefill) to fill the cache; each step then feeds one token per sequence. Several
+The prompt is run once (prefill) to fill the cache; each step then feeds one token per sequence through the
+model's single-token `Decoder`, and greedy decoding takes the argmax without the sampling machinery. Several
 prompts, and several samples per prompt, decode together as one left-padded batch (per-row positions and an
 attention mask keep padding invisible). The logits processing follows transformers' order (repetition penalty,
 temperature, top-k, top-p), so settings mean the same in both. Everything random draws from one
@@ -66,7 +67,7 @@ def stream_tokens(
     """
     import torch
 
-    from lmcore.model import KVCache
+    from lmcore.model import Decoder, KVCache
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -89,6 +90,8 @@ def stream_tokens(
     stop_ids = torch.tensor(sorted(set(cfg.stop_token_ids)), dtype=torch.long, device=device)
     stopped = torch.zeros(len(rows), dtype=torch.bool, device=device)
     cache = KVCache(model.config, len(rows), total, device, model.lm_head.weight.dtype) if cfg.use_cache else None
+    greedy = cfg.temperature == 0 and cfg.repetition_penalty == 1.0
+    can_stop = len(stop_ids) > 0
 
     def last_logits(start: int, end: int) -> torch.Tensor:
         h = model.hidden_states(
@@ -104,19 +107,22 @@ def stream_tokens(
     model.eval()  # no dropout while sampling
     try:
         with torch.inference_mode():
-            logits = last_logits(0, width)
+            logits = last_logits(0, width)  # the prompt in one pass, filling the cache
+            if cache is not None:
+                decode = Decoder(model, cache, positions if padded else positions[:1], mask if padded else None)
             for step in range(steps):
                 end = width + step  # tokens so far
-                token = next_token(logits, ids[:, :end], cfg, generator)
-                if step:  # rows that stopped yield -1 from then on
+                token = logits.argmax(dim=-1) if greedy else next_token(logits, ids[:, :end], cfg, generator)
+                if can_stop:  # rows that stopped yield -1 from then on
                     token = torch.where(stopped, -1, token)
-                if len(stop_ids):
                     stopped |= torch.isin(token, stop_ids)
                 yield token
-                if step == steps - 1 or (len(stop_ids) and bool(stopped.all())):
+                if step == steps - 1 or (can_stop and bool(stopped.all())):
                     return
-                ids[:, end] = token.clamp(min=0)  # a stopped row keeps feeding a harmless token
-                logits = last_logits(end, end + 1) if cache is not None else last_logits(0, end + 1)
+                if can_stop:
+                    token = token.clamp(min=0)  # a stopped row keeps feeding a harmless token
+                ids[:, end] = token
+                logits = decode(token, end).float() if cache is not None else last_logits(0, end + 1)
     finally:
         model.train(was_training)
 

@@ -10,6 +10,8 @@ gradient chunk by chunk in the forward pass (never holding the whole batch's ful
 the matmuls, training time goes to memory-bound elementwise passes, so the few layers where autograd makes many
 of them (RMSNorm, RoPE with the head split, SwiGLU, the loss) have hand-written gradients; they sit at the end of
 this file, each next to the plain function it differentiates, and inference calls the plain functions directly.
+Decoding one token at a time has its own path at the very end (`Decoder`): the same math over the same KV cache,
+laid out for a single query, where per-operation overhead rather than arithmetic sets the speed.
 
 The model knows nothing of training, logging, checkpoints or parallelism: those live in `lmcore.train`.
 """
@@ -125,12 +127,16 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 class KVCache:
-    """Keys and values of past positions, preallocated per layer: decoding appends one position per step."""
+    """Keys and values of past positions, preallocated: decoding writes one position per step, in place.
+
+    One tensor holds every layer, with a position's key and value side by side, (layers, B, kv heads, max_len,
+    2, head_dim), so a Decoder step stores both with one copy; `keys[layer]` and `values[layer]` are views.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, 2, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys, self.values = list(self.kv.select(4, 0)), list(self.kv.select(4, 1))
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +149,8 @@ class KVCache:
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        """Rows in a new order (index has one entry per row), in place: views of the cache stay valid."""
+        self.kv.copy_(self.kv.index_select(1, index))
 
 
 class Attention(nn.Module):
@@ -444,8 +450,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     For each chunk: logits → log-softmax → loss; then softmax − one-hot (in place) is the gradient of the
     logits, pushed straight through the two matmuls into dL/dh and dL/dweight; backward only scales them. The
     same matmuls as autograd, without a second forward through the LM head (checkpointing) or the several
-    vocabulary-sized buffers of autograd's log-softmax/NLL backward. Used under torch.compile too (written
-    without out= arguments), where no compiler would chunk the logits by itself.
+    vocabulary-sized buffers of autograd's log-softmax/NLL backward. Under torch.compile (which would not chunk
+    the logits by itself) and autocast, the chunks are plain ops; in eager fp32 they are written in place.
     """
 
     @staticmethod
@@ -457,18 +463,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # Rows with an ignored target get no gradient: masking the small (rows, d_model) operands of the
         # matmuls is cheaper than masking the (rows, vocab) logits.
         h_valid = h * valid.unsqueeze(1).to(h.dtype)
-        grad_h = []
-        grad_weight = torch.zeros_like(weight, dtype=acc)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            hc, tc, vc = h[i : i + chunk], safe_targets[i : i + chunk], valid[i : i + chunk]
-            logits = (hc @ weight.t()).to(acc)
-            logprobs = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one vocabulary-sized buffer
-            total = total - logprobs.gather(1, tc).squeeze(1).masked_fill(~vc, 0.0).sum()
-            grad_logits = logprobs.exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=acc)).to(h.dtype)
-            grad_h.append((grad_logits @ weight.to(h.dtype)).masked_fill_(~vc.unsqueeze(1), 0.0))
-            grad_weight.addmm_(grad_logits.t(), h_valid[i : i + chunk].to(acc))
-        ctx.save_for_backward(torch.cat(grad_h), grad_weight, count)
+        if torch.compiler.is_compiling() or h.dtype != acc:
+            grad_h, grad_weight, total = _linear_cross_entropy_chunks(h, h_valid, weight, safe_targets, valid, chunk)
+        else:
+            grad_h, grad_weight, total = _linear_cross_entropy_in_place(h, h_valid, weight, safe_targets, valid, chunk)
+        ctx.save_for_backward(grad_h, grad_weight, count)
         ctx.weight_dtype = weight.dtype
         return total / count
 
@@ -477,3 +476,153 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_h, grad_weight, count = ctx.saved_tensors
         scale = grad_loss / count
         return grad_h * scale.to(grad_h.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
+
+
+def _linear_cross_entropy_chunks(
+    h: torch.Tensor,
+    h_valid: torch.Tensor,
+    weight: torch.Tensor,
+    safe_targets: torch.Tensor,
+    valid: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed loss and unscaled gradients, chunk by chunk, in plain ops (what torch.compile and autocast see)."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    grad_h = []
+    grad_weight = torch.zeros_like(weight, dtype=acc)
+    total = torch.zeros((), dtype=acc, device=h.device)
+    for i in range(0, h.shape[0], chunk):
+        hc, tc, vc = h[i : i + chunk], safe_targets[i : i + chunk], valid[i : i + chunk]
+        logits = (hc @ weight.t()).to(acc)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        total = total - logprobs.gather(1, tc).squeeze(1).masked_fill(~vc, 0.0).sum()
+        grad_logits = logprobs.exp().scatter_add(1, tc, torch.full_like(tc, -1, dtype=acc)).to(h.dtype)
+        grad_h.append((grad_logits @ weight.to(h.dtype)).masked_fill(~vc.unsqueeze(1), 0.0))
+        grad_weight = grad_weight.addmm(grad_logits.t(), h_valid[i : i + chunk].to(acc))
+    return torch.cat(grad_h), grad_weight, total
+
+
+def _linear_cross_entropy_in_place(
+    h: torch.Tensor,
+    h_valid: torch.Tensor,
+    weight: torch.Tensor,
+    safe_targets: torch.Tensor,
+    valid: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same sums in eager fp32, every chunk's logits in one reused buffer and each result written in place.
+
+    Fresh vocabulary-sized buffers per chunk cost page faults (the allocator hands large blocks back to the
+    system), which made the logits matmul a third slower than the same matmul into warm memory.
+    """
+    grad_h = torch.empty_like(h)
+    grad_weight = torch.zeros_like(weight)
+    total = torch.zeros((), dtype=h.dtype, device=h.device)
+    buffer = h.new_empty(min(chunk, h.shape[0]), weight.shape[0])
+    minus_one = h.new_full((buffer.shape[0], 1), -1.0)
+    for i in range(0, h.shape[0], chunk):
+        hc, tc, vc = h[i : i + chunk], safe_targets[i : i + chunk], valid[i : i + chunk]
+        logits = buffer[: hc.shape[0]]
+        torch.log_softmax(torch.mm(hc, weight.t(), out=logits), dim=-1, out=logits)  # log-probabilities
+        total -= logits.gather(1, tc).squeeze(1).masked_fill_(~vc, 0.0).sum()
+        grad_logits = logits.exp_().scatter_add_(1, tc, minus_one[: hc.shape[0]])  # softmax − one-hot
+        torch.mm(grad_logits, weight, out=grad_h[i : i + chunk]).masked_fill_(~vc.unsqueeze(1), 0.0)
+        grad_weight.addmm_(grad_logits.t(), h_valid[i : i + chunk])
+    return grad_h, grad_weight, total
+
+
+# --- decoding one token at a time -----------------------------------------------------------------------------
+
+
+class Decoder:
+    """Next-token logits for one new token per row, over a KVCache the model's forward pass has filled.
+
+    The same math as `Transformer.forward` on a single position, in far fewer operations: at a few million
+    parameters a decoded token costs more in per-operation overhead than in arithmetic. Rows are (B, d_model)
+    matrices throughout; the fused QKV weight is regrouped so that each key/value head sits after the query heads
+    it serves, which lets the queries of a group attend with two batched matmuls over that group's cached keys
+    (no copies of key/value heads, no causal mask: the one query sees every cached position); RoPE, the attention
+    scale, and the pass-through of values are one multiply-add against tables built once; residual
+    additions ride on the output matmuls (addmm). `tests/test_model.py` checks it against the full forward.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, key_mask=None) -> None:
+        """positions: the RoPE position of each cache column, (B or 1, cache.max_len); key_mask: (B, max_len), 0 for
+        padding columns no query may see (None: every column is a real token)."""
+        c = model.config
+        if positions.shape[-1] != cache.max_len or cache.max_len > c.context_length:
+            raise ValueError(f"positions must cover the KV cache, which must fit the context ({c.context_length})")
+        self.n_kv_head, self.group, self.head_dim, self.d_ff = c.n_kv_head, c.n_head // c.n_kv_head, c.head_dim, c.d_ff
+        self.norm_dtype = None if model.lm_head.weight.dtype == torch.float32 else torch.float32
+        self.eps = torch.tensor(c.norm_eps, device=positions.device)
+        self.embed, self.final_norm, self.lm_head = model.embed.weight, model.norm.weight, model.lm_head.weight
+        self.layers = [self._layer_weights(block, i, cache) for i, block in enumerate(model.blocks)]
+        self.cos, self.sin = self._rotation_tables(model, positions)
+        self.bias = None
+        if key_mask is not None:  # -inf on padding columns, one row per (row, key/value head) like the scores
+            bias = torch.zeros(key_mask.shape, dtype=self.cos.dtype, device=key_mask.device)
+            bias = bias.masked_fill(key_mask == 0, float("-inf"))
+            self.bias = bias[:, None, None].expand(-1, c.n_kv_head, 1, -1).reshape(-1, 1, cache.max_len)
+
+    def _layer_weights(self, block: Block, layer: int, cache: KVCache) -> tuple:
+        """Weights as right-hand matmul operands (transposed views) and the layer's cache as (B·kv heads, len, dim)."""
+        n_q, n_kv, hd = block.attn.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.head_dim
+        q, k, v = block.attn.qkv.weight.split([n_q, n_kv, n_kv])
+        # Rows regrouped per key/value head: [its queries, its key, its value].
+        q, k, v = (t.view(self.n_kv_head, -1, hd, t.shape[-1]) for t in (q, k, v))
+        qkv = torch.cat([q, k, v], dim=1)
+        kv = cache.kv[layer]
+        return (
+            block.attn_norm.weight,
+            qkv.flatten(0, 2).t(),
+            block.attn.proj.weight.t(),
+            block.mlp_norm.weight,
+            block.mlp.gate_up.weight.t(),
+            block.mlp.down.weight.t(),
+            kv,
+            kv.flatten(0, 1).select(2, 0).transpose(1, 2),  # keys, (B·kv heads, head_dim, len)
+            kv.flatten(0, 1).select(2, 1),  # values, (B·kv heads, len, head_dim)
+        )
+
+    def _rotation_tables(self, model: Transformer, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per cache column, (columns, B or 1, 1, group + 2, 2, head_dim / 2) factors such that
+        `x·cos + swap_halves(x)·sin` is rotate-half RoPE on the queries (scaled by 1/√head_dim for attention) and
+        on the key, and leaves the value as it is."""
+        dtype = model.lm_head.weight.dtype
+        cos = model.rope_cos[positions.t()][:, :, None, None, None, :]  # (columns, B, 1, 1, 1, head_dim / 2)
+        sin = model.rope_sin[positions.t()][:, :, None, None, None, :]
+        row_scale = torch.tensor([self.head_dim**-0.5] * self.group + [1.0, 0.0], device=positions.device)
+        row_scale = row_scale[:, None, None]  # queries, key, value
+        half_sign = torch.tensor([-1.0, 1.0], device=positions.device)[:, None]  # (x1, x2) → (x1·c − x2·s, x2·c + x1·s)
+        is_value = row_scale == 0
+        return (cos * row_scale + is_value).to(dtype), (sin * row_scale * half_sign).to(dtype)
+
+    def __call__(self, tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """Logits (B, vocab) after `tokens` (B,) placed at cache column `column` (columns before it are filled)."""
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[column], self.sin[column]
+        bias = None if self.bias is None else self.bias[:, :, : column + 1]
+        for weights in self.layers:
+            x = self._block(x, weights, column, cos, sin, bias)
+        return torch.mm(self._norm(x, self.final_norm), self.lm_head.t())
+
+    def _block(self, x, weights: tuple, column: int, cos, sin, bias) -> torch.Tensor:
+        attn_norm, qkv_w, proj_w, mlp_norm, gate_up_w, down_w, kv, keys_t, values = weights
+        B, n_kv, group, hd = x.shape[0], self.n_kv_head, self.group, self.head_dim
+        qkv = torch.mm(self._norm(x, attn_norm), qkv_w).view(B, n_kv, group + 2, 2, hd // 2)
+        qkv = torch.addcmul(qkv * cos, qkv.flip(-2), sin).view(B, n_kv, group + 2, hd)
+        kv.select(2, column).copy_(qkv[:, :, group:])
+        q = qkv[:, :, :group].view(B * n_kv, group, hd)  # a view: each key/value head's queries
+        seen_keys = keys_t[:, :, : column + 1]
+        scores = torch.bmm(q, seen_keys) if bias is None else torch.baddbmm(bias, q, seen_keys)
+        y = torch.bmm(scores.softmax(-1), values[:, : column + 1]).view(B, -1)
+        x = torch.addmm(x, y, proj_w)
+        gate_up = torch.mm(self._norm(x, mlp_norm), gate_up_w)
+        return torch.addmm(x, F.silu(gate_up[:, : self.d_ff]) * gate_up[:, self.d_ff :], down_w)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm in fp32 with the mean of squares taken from the vector norm (one reduction instead of three)."""
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=self.norm_dtype)
+        rstd = torch.rsqrt(torch.addcmul(self.eps, norm, norm, value=1 / x.shape[-1]))
+        y = x * rstd * weight
+        return y if self.norm_dtype is None else y.to(x.dtype)

@@ -1,6 +1,7 @@
 """The lmcore Transformer: the same numbers as transformers' LlamaForCausalLM (logits, loss, gradients), a KV
 cache and left padding that change nothing, hand-written gradients equal to autograd's, presets of the
-advertised size, and bit-for-bit repeatable training steps on CPU."""
+advertised size, and bit-for-bit repeatable training steps on CPU. The single-token Decoder gives the logits of
+the full forward pass."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lmcore.export import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from lmcore.model import (
     IGNORE_INDEX,
     PRESETS,
+    Decoder,
     KVCache,
     LinearCrossEntropyFunction,
     ModelConfig,
@@ -75,6 +77,43 @@ def test_kv_cache_decoding_equals_full_forward() -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-5)  # logits of size ~10
     with pytest.raises(ValueError, match="KV cache holds 30"):
         model(x[:, :1], cache=cache, start=30)
+
+
+@pytest.mark.parametrize(("n_head", "n_kv_head", "d_model"), [(4, 2, 64), (4, 4, 64), (4, 1, 96)])
+def test_decoder_steps_equal_full_forward(n_head: int, n_kv_head: int, d_model: int) -> None:
+    model = tiny_model(n_head=n_head, n_kv_head=n_kv_head, d_model=d_model)  # GQA, MHA, MQA with head_dim 24
+    x = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.config, 2, 30, "cpu", torch.float32)
+    with torch.inference_mode():
+        full = model(x)
+        model(x[:, :20], cache=cache)  # the prompt fills the cache; the decoder takes each next token
+        decode = Decoder(model, cache, torch.arange(30)[None])
+        steps = torch.stack([decode(x[:, t], t) for t in range(20, 30)], dim=1)
+    torch.testing.assert_close(steps, full[:, 20:], atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_keeps_left_padding_invisible() -> None:
+    model = tiny_model()
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    mask[0, :6] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
+    with torch.inference_mode():
+        model(x[:, :12], attention_mask=mask[:, :12], cache=cache, position_ids=positions[:, :12])
+        decode = Decoder(model, cache, positions, key_mask=mask)
+        steps = torch.stack([decode(x[:, t], t) for t in range(12, 24)], dim=1)
+        alone = [model(x[:1, 6:])[0, 6:], model(x[1:])[0, 12:]]
+    for row in range(2):
+        torch.testing.assert_close(steps[row], alone[row], atol=1e-4, rtol=1e-5)
+
+
+def test_kv_cache_reorders_rows_in_place() -> None:
+    cache = KVCache(tiny_model().config, 2, 4, "cpu", torch.float32)
+    keys = cache.keys[0]
+    cache.kv[:, 1] = 1.0
+    cache.reorder(torch.tensor([1, 0]))
+    assert keys is cache.keys[0] and bool((keys[0] == 1).all()) and bool((keys[1] == 0).all())
 
 
 def test_left_padding_is_invisible() -> None:
