@@ -14,7 +14,7 @@ which a stage needs to behave exactly like the process DVC would have started. T
 - exits when its stdin closes (the flow process ended, however it ended), stopping any child still running.
 
 Client side: `StageHost.start()` in the flow process, `StageHost.spawn(argv, cwd, env)` → a `HostedProcess`
-with `pid`, `stdout` (a text stream) and `wait()`. `LMCYCLE_WARM_STAGES=0` turns the host off.
+with `pid`, `stdout` (a text stream) and `wait()`. See `warm_stages_enabled` for where it runs by default.
 """
 
 from __future__ import annotations
@@ -68,7 +68,13 @@ PRELOAD = [
 
 
 def warm_stages_enabled() -> bool:
-    return os.environ.get(WARM_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
+    """LMCYCLE_WARM_STAGES=1/0 decides; by default the host runs on Linux machines without NVIDIA GPUs. Elsewhere
+    fork is not safe to assume: macOS system frameworks do not survive it, and a CUDA driver initialised by any
+    import in the host would be unusable in its children (there, imports are a negligible share of a run)."""
+    choice = os.environ.get(WARM_ENV, "").strip().lower()
+    if choice:
+        return choice not in {"0", "off", "false", "no"} and hasattr(os, "fork")
+    return sys.platform.startswith("linux") and not Path("/dev/nvidiactl").exists()
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -142,6 +148,10 @@ def _serve_request(conn: socket.socket, listener: socket.socket, children: dict[
         _reply(conn, {"error": "expected one file descriptor for the output"})
         conn.close()
         return
+    if _cuda_initialized():
+        _reply(conn, {"error": "CUDA was initialised in the stage host; a forked child could not use it"})
+        conn.close()
+        return
     pid = os.fork()
     if pid == 0:  # the child never returns from here
         listener.close()
@@ -152,6 +162,11 @@ def _serve_request(conn: socket.socket, listener: socket.socket, children: dict[
     os.close(fds[0])
     children[pid] = conn
     _reply(conn, {"pid": pid})
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def _run_child(request: dict[str, Any], out_fd: int) -> None:
@@ -399,6 +414,7 @@ def take_prestarted(root: Path) -> StageHost | None:
 
 
 def main() -> None:
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a device query at import must not init CUDA
     serve(sys.argv[1], PRELOAD)
     sys.stdout.flush()
     sys.stderr.flush()

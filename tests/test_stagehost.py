@@ -82,3 +82,14 @@ def test_a_stopped_hosted_stage_checkpoints_and_leaves_nothing_behind(tmp_path, 
     host.close()  # the flow went away: the host stops what it forked before it exits
     assert gone(again.pid)
     assert not host.alive()
+
+
+def test_the_host_is_on_by_default_only_where_fork_is_safe_and_the_variable_decides(monkeypatch):
+    from flows.stagehost import warm_stages_enabled
+
+    monkeypatch.setenv("LMCYCLE_WARM_STAGES", "0")
+    assert not warm_stages_enabled()
+    monkeypatch.setenv("LMCYCLE_WARM_STAGES", "1")
+    assert warm_stages_enabled()
+    monkeypatch.delenv("LMCYCLE_WARM_STAGES")
+    assert warm_stages_enabled() == (not Path("/dev/nvidiactl").exists())  # this is Linux
