@@ -93,3 +93,20 @@ def test_the_host_is_on_by_default_only_where_fork_is_safe_and_the_variable_deci
     assert warm_stages_enabled()
     monkeypatch.delenv("LMCYCLE_WARM_STAGES")
     assert warm_stages_enabled() == (not Path("/dev/nvidiactl").exists())  # this is Linux
+
+
+@pytest.mark.parametrize("host_state", ["live", "closed"])
+def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_processes(tmp_path, host, host_state):
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    from flows.lifecycle import _CommandRunner
+
+    if host_state == "closed":
+        host.close()
+    lines: list[str] = []
+    runner = _CommandRunner(time.monotonic() + 60, 5.0, lines.append, host)
+    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off"}
+    with pytest.raises(StageCmdFailedError, match="exited with 2"):
+        runner("/bin/sh", "lmcycle stage nope", cwd=str(tmp_path), env=env)
+    assert any("unknown stage 'nope'" in line for line in lines)
+    assert runner.exit_code == 2
