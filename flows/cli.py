@@ -208,8 +208,9 @@ def register_(
 
     try:
         paths = Paths.of(workspace)
-        config = load_config(paths.root / "params.yaml")
-        result = register_model(paths, config, parent_run_id or None, flow_run_id or None)
+        result = register_model(
+            paths, load_config(paths.root / "params.yaml"), parent_run_id or None, flow_run_id or None
+        )
     except LmcycleError as err:
         raise fail(str(err)) from None
     if json_out is not None:

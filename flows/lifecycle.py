@@ -6,7 +6,7 @@ Design choices:
   --single-item NAME` calls), so dvc.lock is written exactly as `dvc repro` writes it, without paying a DVC process
   per stage. A stage DVC finds up to date is reported as a Completed state named "Skipped" ("Restored" when DVC
   checks its outputs out of its run cache). Stages run one at a time: DVC locks the repository during a repro.
-- A stage's command runs in its own session. Its output streams into the task log; a timeout, a cancelled or
+- A stage's command runs in its own process group. Its output streams into the task log; a timeout, a cancelled or
   interrupted flow stops the whole group: SIGTERM (the trainers checkpoint on it), SIGKILL after
   `flow.kill_grace_s`. `lmcycle stage …` commands are forked from a warm interpreter (flows.stagehost) that has
   imported torch and the rest while the flow started, so a stage costs its work, not its imports.
@@ -42,8 +42,7 @@ from lmcore.errors import LmcycleError
 
 FLOW_NAME = "lm-lifecycle"
 TAIL_LINES = 60
-_RAN = re.compile(r"Running stage '([^']+)'")
-_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+HOSTED_COMMANDS = (["lmcycle", "stage"], ["lmcycle", "register"])  # what the warm stage host may fork
 _RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
 _COMMAND_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
@@ -125,7 +124,7 @@ def group_alive(pgid: int) -> list[int]:
 
 def stop_group(proc: Any, grace_s: float) -> None:
     """Stop a stage command and everything it started: SIGTERM to its process group (a trainer checkpoints on
-    it), SIGKILL to what is left after `grace_s`. `proc` leads its own session (a Popen or a HostedProcess)."""
+    it), SIGKILL to what is left after `grace_s`. `proc` leads its own process group (a Popen or a HostedProcess)."""
     pgid = proc.pid
     deadline = time.monotonic() + grace_s
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -143,8 +142,9 @@ def stop_group(proc: Any, grace_s: float) -> None:
 class _CommandRunner:
     """Runs a stage's command for DVC (in place of `dvc.stage.run._run`, same signature).
 
-    The command leads its own session, so a timeout or an interrupted flow stops its whole tree; its output goes
-    line by line to `on_line`; `lmcycle stage …` commands are forked by the warm stage host when there is one.
+    The command leads its own process group, so a timeout or an interrupted flow stops its whole tree; its output goes
+    line by line to `on_line`; `lmcycle stage …` and `lmcycle register …` are forked by the warm stage host when
+    there is one.
     """
 
     def __init__(self, deadline: float, grace_s: float, on_line: Callable[[str], None], host: Any = None):
@@ -189,7 +189,7 @@ class _CommandRunner:
         from dvc.stage.run import _make_cmd
 
         argv = shlex.split(cmd)
-        if self.host is not None and argv[:2] == ["lmcycle", "stage"] and self.host.alive():
+        if self.host is not None and argv[:2] in HOSTED_COMMANDS and self.host.alive():
             try:
                 return self.host.spawn(argv, cwd, env)
             except OSError as err:
@@ -251,7 +251,7 @@ def run_dvc_stage(
     host: Any = None,
 ) -> StageResult:
     """`dvc repro --single-item NAME` through DVC's API in this process: DVC decides, runs the command and writes
-    dvc.lock exactly as the CLI does; the command itself runs in its own session (see `_CommandRunner`)."""
+    dvc.lock exactly as the CLI does; the command itself runs in its own process group (see `_CommandRunner`)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
@@ -336,7 +336,9 @@ def dvc_stage(
 
 
 @task(cache_policy=NO_CACHE)
-def register(workspace: str, parent_run_id: str | None, flow_run_id: str | None, host: Any = None) -> dict[str, Any]:
+def register(
+    workspace: str, parent_run_id: str | None, flow_run_id: str | None, host: Any = None, timeout_s: float = 3600.0
+) -> dict[str, Any]:
     """Register the workspace's model in MLflow and run the promotion gate (see lmcore.registry).
 
     With a warm stage host it runs as `lmcycle register` forked from the host, which has transformers and
@@ -344,7 +346,7 @@ def register(workspace: str, parent_run_id: str | None, flow_run_id: str | None,
     """
     logger = get_run_logger()
     if host is not None and host.alive():
-        result = _register_in_host(host, Path(workspace), parent_run_id, flow_run_id, logger.info)
+        result = _register_in_host(host, Path(workspace), parent_run_id, flow_run_id, logger.info, timeout_s)
     else:
         from lmcore.config import load_config
         from lmcore.paths import Paths
@@ -357,29 +359,32 @@ def register(workspace: str, parent_run_id: str | None, flow_run_id: str | None,
 
 
 def _register_in_host(
-    host: Any, root: Path, parent_run_id: str | None, flow_run_id: str | None, on_line: Callable[[str], None]
+    host: Any,
+    root: Path,
+    parent_run_id: str | None,
+    flow_run_id: str | None,
+    on_line: Callable[[str], None],
+    timeout_s: float,
 ) -> dict[str, Any]:
+    import shlex
     import tempfile
 
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    runner = _CommandRunner(time.monotonic() + timeout_s, 10.0, on_line, host)
     with tempfile.TemporaryDirectory(prefix="lmcycle-register-") as tmp:
         out = Path(tmp) / "registration.json"
         argv = ["lmcycle", "register", "--workspace", str(root), "--json", str(out)]
         argv += ["--parent-run-id", parent_run_id or "", "--flow-run-id", flow_run_id or ""]
-        proc = host.spawn(argv, root, {**os.environ, **stage_env()})
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         try:
-            for line in proc.stdout:
-                if line.strip():
-                    tail.append(line.rstrip("\n"))
-                    on_line(tail[-1])
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                stop_group(proc, 10.0)
-            proc.stdout.close()
-        if code != 0 or not out.is_file():
-            last = next((t for t in reversed(tail) if t.startswith("error:")), tail[-1] if tail else "")
-            raise LmcycleError(f"registration failed (exit code {code}): {last.removeprefix('error: ')}")
+            runner("/bin/sh", shlex.join(argv), cwd=str(root), env={**os.environ, **stage_env()})
+        except StageCmdFailedError:
+            last = next(
+                (t for t in reversed(runner.tail) if t.startswith("error:")), runner.tail[-1] if runner.tail else ""
+            )
+            raise LmcycleError(
+                f"registration failed (exit code {runner.exit_code}): {last.removeprefix('error: ')}"
+            ) from None
         return json.loads(out.read_text())
 
 
@@ -500,12 +505,12 @@ def _register(root: Path, run: _ParentRun, host: Any = None) -> dict[str, Any]:
     from lmcore.paths import Paths
     from lmcore.registry import model_to_register
 
-    paths = Paths.of(root)
-    if model_to_register(paths, load_config(root / "params.yaml")) is None:
+    paths, config = Paths.of(root), load_config(root / "params.yaml")
+    if model_to_register(paths, config) is None:
         return {"skipped": "no model in this workspace yet (models/finetune/hf or models/pretrain/hf)"}
     from prefect.runtime import flow_run
 
-    result = register(str(root), run.run_id, str(flow_run.id or ""), host)
+    result = register(str(root), run.run_id, str(flow_run.id or ""), host, config.flow.stage_timeout_s)
     run.set_tags({f"lmcycle.registered_{k}": str(v) for k, v in result.items() if k in {"name", "version", "decision"}})
     return result
 

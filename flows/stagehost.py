@@ -185,7 +185,10 @@ def _run_child(request: dict[str, Any], out_fd: int) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.argv = list(request["argv"])
-        code = _run_cli(sys.argv[1:])
+        from flows.cli import app
+
+        app(args=sys.argv[1:], prog_name="lmcycle")  # typer ends with SystemExit
+        code = 0
     except SystemExit as exit_:
         code = _exit_code(exit_.code)
     except BaseException:
@@ -196,16 +199,6 @@ def _run_child(request: dict[str, Any], out_fd: int) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
-
-
-def _run_cli(args: list[str]) -> int:
-    from flows.cli import app
-
-    try:
-        app(args=args, prog_name="lmcycle")
-    except SystemExit as exit_:
-        return _exit_code(exit_.code)
-    return 0
 
 
 def _exit_code(code: object) -> int:

@@ -110,3 +110,15 @@ def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_
         runner("/bin/sh", "lmcycle stage nope", cwd=str(tmp_path), env=env)
     assert any("unknown stage 'nope'" in line for line in lines)
     assert runner.exit_code == 2
+
+
+def test_a_registration_forked_from_the_host_fails_with_its_own_one_line_error(workspace_factory, host):
+    from flows.lifecycle import _register_in_host
+    from lmcore.errors import LmcycleError
+
+    ws = workspace_factory(dvc=False)  # params, but no trained model yet
+    lines: list[str] = []
+    with pytest.raises(LmcycleError, match=r"registration failed \(exit code 1\): .*model") as failure:
+        _register_in_host(host, ws, None, None, lines.append, timeout_s=120.0)
+    assert "\n" not in str(failure.value)
+    assert any(line.startswith("error:") for line in lines)
