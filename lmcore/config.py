@@ -147,7 +147,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        False, description="torch.compile the transformer body: auto = on CUDA and on a Linux CPU with a C++ compiler"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int = Field(0, ge=0, description="0 = torch default")

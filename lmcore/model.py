@@ -460,13 +460,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
         safe_targets = targets.clamp(min=0).unsqueeze(1)
+        in_place = h.dtype == acc and not torch.compiler.is_compiling()
+        if in_place and h.device.type == "cpu" and bool(count == targets.numel()):
+            valid = None  # every target counts (pretraining): nothing to mask; asking costs no device sync on CPU
         # Rows with an ignored target get no gradient: masking the small (rows, d_model) operands of the
         # matmuls is cheaper than masking the (rows, vocab) logits.
-        h_valid = h * valid.unsqueeze(1).to(h.dtype)
-        if torch.compiler.is_compiling() or h.dtype != acc:
-            grad_h, grad_weight, total = _linear_cross_entropy_chunks(h, h_valid, weight, safe_targets, valid, chunk)
-        else:
+        h_valid = h if valid is None else h * valid.unsqueeze(1).to(h.dtype)
+        if in_place:
             grad_h, grad_weight, total = _linear_cross_entropy_in_place(h, h_valid, weight, safe_targets, valid, chunk)
+        else:
+            grad_h, grad_weight, total = _linear_cross_entropy_chunks(h, h_valid, weight, safe_targets, valid, chunk)
         ctx.save_for_backward(grad_h, grad_weight, count)
         ctx.weight_dtype = weight.dtype
         return total / count
@@ -507,27 +510,36 @@ def _linear_cross_entropy_in_place(
     h_valid: torch.Tensor,
     weight: torch.Tensor,
     safe_targets: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same sums in eager fp32, every chunk's logits in one reused buffer and each result written in place.
+    """The same sums in eager fp32, every chunk's logits in one reused buffer and each result written in place
+    (valid None: every target counts).
 
     Fresh vocabulary-sized buffers per chunk cost page faults (the allocator hands large blocks back to the
     system), which made the logits matmul a third slower than the same matmul into warm memory.
     """
     grad_h = torch.empty_like(h)
-    grad_weight = torch.zeros_like(weight)
+    grad_weight = torch.empty_like(weight)
     total = torch.zeros((), dtype=h.dtype, device=h.device)
     buffer = h.new_empty(min(chunk, h.shape[0]), weight.shape[0])
     minus_one = h.new_full((buffer.shape[0], 1), -1.0)
     for i in range(0, h.shape[0], chunk):
-        hc, tc, vc = h[i : i + chunk], safe_targets[i : i + chunk], valid[i : i + chunk]
+        hc, tc = h[i : i + chunk], safe_targets[i : i + chunk]
         logits = buffer[: hc.shape[0]]
         torch.log_softmax(torch.mm(hc, weight.t(), out=logits), dim=-1, out=logits)  # log-probabilities
-        total -= logits.gather(1, tc).squeeze(1).masked_fill_(~vc, 0.0).sum()
+        picked = logits.gather(1, tc).squeeze(1)
         grad_logits = logits.exp_().scatter_add_(1, tc, minus_one[: hc.shape[0]])  # softmax − one-hot
-        torch.mm(grad_logits, weight, out=grad_h[i : i + chunk]).masked_fill_(~vc.unsqueeze(1), 0.0)
-        grad_weight.addmm_(grad_logits.t(), h_valid[i : i + chunk])
+        grad_hc = torch.mm(grad_logits, weight, out=grad_h[i : i + chunk])
+        if valid is not None:
+            ignored = ~valid[i : i + chunk]
+            picked.masked_fill_(ignored, 0.0)
+            grad_hc.masked_fill_(ignored.unsqueeze(1), 0.0)
+        total -= picked.sum()
+        if i == 0:
+            torch.mm(grad_logits.t(), h_valid[:chunk], out=grad_weight)
+        else:
+            grad_weight.addmm_(grad_logits.t(), h_valid[i : i + chunk])
     return grad_h, grad_weight, total
 
 

@@ -50,6 +50,7 @@ TINY_PARAMS = {
         "eval_every": 10,
         "log_every": 5,
         "checkpoint_every": 10,
+        "compile": False,  # tiny models: compiling costs far more than it saves (tests/test_train.py compiles)
     },
     "finetune": {
         "steps": 10,

@@ -13,10 +13,11 @@ import torch
 
 from lmcore.config import TrainConfig
 from lmcore.data.shards import TokenShards
-from lmcore.errors import CheckpointError
+from lmcore.errors import CheckpointError, ConfigError
 from lmcore.metrics import bits_per_byte, count_batches, evaluate_lm
 from lmcore.model import ModelConfig, Transformer
 from lmcore.train import checkpoint as ckpt
+from lmcore.train.compile import compile_choice
 from lmcore.train.distributed import DistEnv
 from lmcore.train.loop import TrainCallback, TrainingError, train, weights_digest
 from lmcore.train.optim import build_optimizer, lr_at, param_groups
@@ -228,6 +229,39 @@ def test_two_runs_are_bit_identical_and_dropout_changes_them(shards) -> None:
     c, _ = run_loop(shards, None, steps=4, dropout=0.0)
     assert weights_digest(a.state_dict()) == weights_digest(b.state_dict())
     assert weights_digest(a.state_dict()) != weights_digest(c.state_dict())
+
+
+def test_compiled_training_tracks_eager_and_resumes_bit_identically(shards, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    _, eager = run_loop(shards, None, dropout=0.0)
+    counters.clear()
+    straight, expected = run_loop(shards, tmp_path / "a", dropout=0.0, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the body
+    assert "hidden_states" not in vars(straight)  # the model is eager again once training is over
+    eager_losses = [row["loss"] for row in eager.history["train"]]
+    compiled_losses = [row["loss"] for row in expected.history["train"]]
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-4)  # the same math, other kernels
+    assert expected.val["loss"] == pytest.approx(eager.val["loss"], abs=1e-4)
+    with pytest.raises(RuntimeError, match="crash after step 8"):
+        run_loop(shards, tmp_path / "b", callbacks=[Crash(8)], dropout=0.0, compile=True)
+    resumed, result = run_loop(shards, tmp_path / "b", dropout=0.0, compile=True)
+    assert result.resumed_from == 8
+    assert weights_digest(resumed.state_dict()) == weights_digest(straight.state_dict())
+    assert result.history == expected.history
+
+
+def test_compile_true_without_a_cpp_compiler_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++-compiler",))
+    with pytest.raises(ConfigError, match=r"^pretrain\.compile: true, but .*C\+\+ compiler"):
+        compile_choice(True, "cpu", "pretrain")
+    assert compile_choice("auto", "cpu", "pretrain") == (
+        False,
+        "eager: torch.compile on CPU needs a C++ compiler and none was found (set CXX) (compile: auto)",
+    )
+    assert compile_choice(False, "cpu", "pretrain") == (False, "")
 
 
 def test_training_lowers_the_loss_and_logs_grad_norms(shards) -> None:

@@ -16,6 +16,7 @@ AdamW state, every RNG, step, tokens seen and the logged history, so the rest of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import signal
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmcycleError
 from lmcore.train import checkpoint as ckpt
+from lmcore.train.compile import compile_choice, compile_model, eager
 from lmcore.train.distributed import (
     DistEnv,
     broadcast_object,
@@ -171,8 +173,9 @@ def train(
     dtype = pick_dtype(cfg.dtype, device_type)
     wrapped = wrap_model(model, env, parallel)
     optimizer = build_optimizer(model, cfg, device_type)
-    if cfg.compile:
-        wrapped = _compile(wrapped, env)
+    compiling, how = compile_choice(cfg.compile, device_type, name)
+    if how:
+        _say(env, f"{name}: {how}")
 
     state = _State()
     resumed_from = _resume(model, optimizer, state, env, checkpoint_dir, fingerprint, name)
@@ -224,7 +227,7 @@ def train(
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     run_start, run_tokens, run_paused = window_start, 0, 0.0
-    with _StopFlag() as stop, bar:
+    with _StopFlag() as stop, bar, _compiled(model, wrapped, device_type, compiling) as wrapped:
         while state.step < cfg.steps:
             step = state.step
             lr = lr_at(step, cfg)
@@ -296,11 +299,17 @@ def train(
 # --- step pieces ---------------------------------------------------------------------------------------------
 
 
-def _compile(wrapped: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    import torch
-
-    _say(env, "compiling the model (torch.compile)…")
-    return torch.compile(wrapped)
+@contextlib.contextmanager
+def _compiled(model, wrapped, device_type: str, compiling: bool):
+    """The module to call while training; the model is eager again afterwards (export, generation)."""
+    if not compiling:
+        yield wrapped
+        return
+    wrapped, restore = compile_model(model, wrapped, device_type, is_sharded(model))
+    try:
+        yield wrapped
+    finally:
+        restore()
 
 
 def _count_tokens(batch: Batch) -> int:
@@ -370,7 +379,7 @@ def _evaluate(wrapped, model, evaluate_fn, device_type, dtype) -> dict[str, floa
     try:
         # FSDP must run forward through the sharded root; DDP's wrapper adds nothing at eval
         target = model if is_sharded(model) or not hasattr(wrapped, "module") else wrapped.module
-        with torch.no_grad(), autocast(device_type, dtype):
+        with torch.no_grad(), autocast(device_type, dtype), eager():
             return dict(evaluate_fn(target))
     finally:
         model.train()
