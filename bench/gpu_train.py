@@ -8,7 +8,7 @@ transformers: the settings below are a plain namespace, which is all the loop re
 machine from a checkout:
 
     PYTHONPATH=. python bench/gpu_train.py [--preset gpt2-124m] [--batch 16] [--seq 1024] [--steps 60]
-        [--vocab 50304] [--no-compile] [--device cuda]
+        [--vocab 50304] [--no-compile] [--device auto|cuda|cpu]
 
 `--device cpu --preset cpu-demo --steps 4` is the smoke test that CI runs (tests/test_bench.py). The vocabulary
 defaults to GPT-2's 50,257 rounded up to a multiple of 128 (50,304), as GPU tensor cores prefer.
@@ -70,11 +70,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda, else skip")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_train: no CUDA device here (--device cpu runs the smoke test)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        if args.device == "auto":  # `make bench` on a machine without a GPU
+            print("gpu_train: skipped, no CUDA device here (--device cpu runs the smoke test)")
+            return
+        sys.exit("gpu_train: --device cuda, but no CUDA device is available here")
+    args.device = "cpu" if args.device == "cpu" else "cuda"
 
     config = ModelConfig(vocab_size=args.vocab, **PRESETS[args.preset])
     config.context_length = args.seq
