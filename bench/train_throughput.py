@@ -2,7 +2,7 @@
 
 Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW
 (what lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default
-(`pretrain.compile: auto`: the transformer body compiled, the fused loss eager; see lmcore/train/compile.py);
+(`pretrain.compile: auto`: the transformer blocks compiled, the fused loss eager; see lmcore/train/compile.py);
 "lmcore eager" is the same model uncompiled. `--compile-hf` also times HF under torch.compile, so the comparison
 can be made compiled against compiled. Runs alternate A B A B … in one process so drift of a shared, noisy
 machine hits all alike; the figures are medians over rounds. Also measured in the same run: the FLOP/s of one
@@ -100,7 +100,7 @@ def main() -> None:
     eager_model = Transformer(config).train()
     eager_model.load_state_dict(ours.state_dict())
     if compiling:
-        compile_model(ours, ours, "cpu", sharded=False)
+        compile_model(ours, ours, "cpu")
     steps = {
         "lmcore": make_step(ours, lambda: ours(inputs, targets)),
         # targets are already shifted: handed over as shift_labels, both models do the same work

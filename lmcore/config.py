@@ -148,7 +148,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     compile: bool | Literal["auto"] = Field(
-        False, description="torch.compile the transformer body: auto = on CUDA and on a Linux CPU with a C++ compiler"
+        False, description="torch.compile the transformer blocks: auto = on CUDA and on a Linux CPU with a C++ compiler"
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -1,11 +1,12 @@
-"""torch.compile where it pays: the transformer body as one graph, the loss left eager.
+"""torch.compile where it pays: each transformer block, the loss and the embedding left eager.
 
 Compiling the whole model would also trace the fused cross-entropy, which then becomes plain chunked ops with
-fresh vocabulary-sized buffers and runs slower than its eager, in-place form; everything else in the body
-(norms, rotary, SwiGLU, residual adds) is memory-bound elementwise work that inductor fuses into a few passes.
-So the body (`Transformer.hidden_states`: embedding, blocks, final norm) is compiled and the loss is not. Under
-FSDP2 each block is compiled on its own instead, the pattern FSDP2 is built for. On CPU the compiled graph
-runs from a C++ wrapper: with a Python wrapper, launching its kernels cost ~3% of a demo-sized step.
+fresh vocabulary-sized buffers and runs slower than its eager, in-place form; the blocks' norms, rotary, SwiGLU and
+residual adds are memory-bound elementwise work that inductor fuses into a few passes. So each block is compiled
+(one graph serves them all) and the rest stays eager. Compiling the whole body (embedding to final norm) as one
+graph measured no faster and was not repeatable on two threads: inductor's embedding backward adds rows in
+parallel in no fixed order. Per-block graphs are also the pattern FSDP2 expects. On CPU a compiled graph runs from
+a C++ wrapper: with a Python wrapper, launching its kernels cost ~3% of a demo-sized step.
 
 `compile: auto` compiles on CUDA and on a Linux CPU with a C++ compiler (inductor writes C++ kernels there); on
 other machines it trains eagerly and says why. Evaluation always runs eagerly: it is no-grad with other batch
@@ -32,7 +33,7 @@ def compile_choice(setting: bool | str, device_type: str, section: str) -> tuple
         return False, ""
     problem = _unsupported(device_type)
     if problem is None:
-        return True, "torch.compile of the transformer body (the loss stays eager)"
+        return True, "torch.compile of each transformer block (the loss stays eager)"
     if setting is True:
         raise ConfigError(f"{section}.compile: true, but {problem}: set {section}.compile to auto or false")
     return False, f"eager: {problem} (compile: auto)"
@@ -54,7 +55,7 @@ def _unsupported(device_type: str) -> str | None:
 
 
 def compile_model(
-    model: torch.nn.Module, wrapped: torch.nn.Module, device_type: str, sharded: bool
+    model: torch.nn.Module, wrapped: torch.nn.Module, device_type: str
 ) -> tuple[torch.nn.Module, Callable[[], None]]:
     """Compile in place; returns the module to call and a function that restores the eager model."""
     import torch
@@ -65,14 +66,14 @@ def compile_model(
     body = next((m for m in model.modules() if isinstance(m, Transformer)), None)
     if body is None:  # not an lmcore transformer: compile it whole
         return torch.compile(wrapped, options=options), lambda: None
-    if sharded:
+    for block in body.blocks:  # in place: the state dict (checkpoints, export) keeps its names
+        block.compile(options=options)
+
+    def restore() -> None:
         for block in body.blocks:
-            block.compile(options=options)
-        return wrapped, lambda: [setattr(block, "_compiled_call_impl", None) for block in body.blocks]
-    # An instance attribute shadows the method: forward and the classifier's calls both go through it, and the
-    # state dict (checkpoints, export) keeps its names.
-    body.hidden_states = torch.compile(body.hidden_states, options=options)
-    return wrapped, lambda: body.__dict__.pop("hidden_states", None)
+            block._compiled_call_impl = None
+
+    return wrapped, restore
 
 
 def eager() -> contextlib.AbstractContextManager:

@@ -305,7 +305,7 @@ def _compiled(model, wrapped, device_type: str, compiling: bool):
     if not compiling:
         yield wrapped
         return
-    wrapped, restore = compile_model(model, wrapped, device_type, is_sharded(model))
+    wrapped, restore = compile_model(model, wrapped, device_type)
     try:
         yield wrapped
     finally:
