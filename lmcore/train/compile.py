@@ -71,7 +71,7 @@ def compile_model(
 
     def restore() -> None:
         for block in body.blocks:
-            block._compiled_call_impl = None
+            block._compiled_call_impl = None  # what Module.compile set; torch offers no public way back
 
     return wrapped, restore
 
