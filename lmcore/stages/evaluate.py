@@ -40,8 +40,9 @@ OUTPUTS = ("pretrain_bpb.png", "finetune.png", "predictions.csv", "predictions.j
 
 def run(config: Config, paths: Paths) -> dict:
     from lmcore.evaluate import write_report
-    from lmcore.train.runtime import seed_everything
+    from lmcore.train.runtime import seed_everything, set_threads
 
+    set_threads()  # repeatable matrix products (see set_threads)
     seed_everything(config.project.seed)
     out = paths.plots(STAGE)
     for name in OUTPUTS:  # a file this run does not rewrite must not survive from an earlier one
