@@ -337,7 +337,12 @@ def dvc_stage(
 
 @task(cache_policy=NO_CACHE)
 def register(
-    workspace: str, parent_run_id: str | None, flow_run_id: str | None, host: Any = None, timeout_s: float = 3600.0
+    workspace: str,
+    parent_run_id: str | None,
+    flow_run_id: str | None,
+    host: Any = None,
+    timeout_s: float = 3600.0,
+    grace_s: float = 10.0,
 ) -> dict[str, Any]:
     """Register the workspace's model in MLflow and run the promotion gate (see lmcore.registry).
 
@@ -346,7 +351,8 @@ def register(
     """
     logger = get_run_logger()
     if host is not None and host.alive():
-        result = _register_in_host(host, Path(workspace), parent_run_id, flow_run_id, logger.info, timeout_s)
+        runner = _CommandRunner(time.monotonic() + timeout_s, grace_s, logger.info, host)
+        result = _register_in_host(runner, Path(workspace), parent_run_id, flow_run_id, timeout_s)
     else:
         from lmcore.config import load_config
         from lmcore.paths import Paths
@@ -359,19 +365,13 @@ def register(
 
 
 def _register_in_host(
-    host: Any,
-    root: Path,
-    parent_run_id: str | None,
-    flow_run_id: str | None,
-    on_line: Callable[[str], None],
-    timeout_s: float,
+    runner: _CommandRunner, root: Path, parent_run_id: str | None, flow_run_id: str | None, timeout_s: float
 ) -> dict[str, Any]:
     import shlex
     import tempfile
 
     from dvc.stage.exceptions import StageCmdFailedError
 
-    runner = _CommandRunner(time.monotonic() + timeout_s, 10.0, on_line, host)
     with tempfile.TemporaryDirectory(prefix="lmcycle-register-") as tmp:
         out = Path(tmp) / "registration.json"
         argv = ["lmcycle", "register", "--workspace", str(root), "--json", str(out)]
@@ -379,6 +379,8 @@ def _register_in_host(
         try:
             runner("/bin/sh", shlex.join(argv), cwd=str(root), env={**os.environ, **stage_env()})
         except StageCmdFailedError:
+            if runner.timed_out.is_set():
+                raise LmcycleError(f"registration timed out after {timeout_s:g} s (flow.stage_timeout_s)") from None
             last = next(
                 (t for t in reversed(runner.tail) if t.startswith("error:")), runner.tail[-1] if runner.tail else ""
             )
@@ -510,7 +512,8 @@ def _register(root: Path, run: _ParentRun, host: Any = None) -> dict[str, Any]:
         return {"skipped": "no model in this workspace yet (models/finetune/hf or models/pretrain/hf)"}
     from prefect.runtime import flow_run
 
-    result = register(str(root), run.run_id, str(flow_run.id or ""), host, config.flow.stage_timeout_s)
+    flow = config.flow
+    result = register(str(root), run.run_id, str(flow_run.id or ""), host, flow.stage_timeout_s, flow.kill_grace_s)
     run.set_tags({f"lmcycle.registered_{k}": str(v) for k, v in result.items() if k in {"name", "version", "decision"}})
     return result
 

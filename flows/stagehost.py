@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -261,11 +262,16 @@ class _Replies:
 
 
 class HostedProcess:
-    """A stage command forked by the host: enough of Popen's interface for the flow's stage runner."""
+    """A stage command forked by the host: enough of Popen's interface for the flow's stage runner.
+
+    Like Popen, safe to poll from one thread while another waits (a timeout stops the process from a timer
+    thread): the host's reply is read under a lock held for at most one short read.
+    """
 
     def __init__(self, replies: _Replies, pid: int, stdout: IO[str]):
         self.replies, self.pid, self.stdout = replies, pid, stdout
         self.returncode: int | None = None
+        self._lock = threading.Lock()
 
     def poll(self) -> int | None:
         return self._returncode(0.0)
@@ -277,12 +283,17 @@ class HostedProcess:
         return code
 
     def _returncode(self, timeout: float | None) -> int | None:
-        if self.returncode is None:
-            message = self.replies.read(timeout)
-            if message is not None:  # {}: the host died, and with it our way to learn the status
-                self.returncode = int(message.get("returncode", -signal.SIGKILL))
-                self.replies.conn.close()
-        return self.returncode
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self.returncode is None:
+                    left = 0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic()))
+                    message = self.replies.read(left)
+                    if message is not None:  # {}: the host died, and with it our way to learn the status
+                        self.returncode = int(message.get("returncode", -signal.SIGKILL))
+                        self.replies.conn.close()
+                if self.returncode is not None or (deadline is not None and time.monotonic() >= deadline):
+                    return self.returncode
 
 
 class StageHost:

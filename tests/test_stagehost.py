@@ -113,12 +113,16 @@ def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_
 
 
 def test_a_registration_forked_from_the_host_fails_with_its_own_one_line_error(workspace_factory, host):
-    from flows.lifecycle import _register_in_host
+    from flows.lifecycle import _CommandRunner, _register_in_host
     from lmcore.errors import LmcycleError
 
     ws = workspace_factory(dvc=False)  # params, but no trained model yet
     lines: list[str] = []
+    runner = _CommandRunner(time.monotonic() + 120, 5.0, lines.append, host)
     with pytest.raises(LmcycleError, match=r"registration failed \(exit code 1\): .*model") as failure:
-        _register_in_host(host, ws, None, None, lines.append, timeout_s=120.0)
+        _register_in_host(runner, ws, None, None, timeout_s=120.0)
     assert "\n" not in str(failure.value)
     assert any(line.startswith("error:") for line in lines)
+    expired = _CommandRunner(time.monotonic(), 0.5, lines.append, host)  # the deadline is already here
+    with pytest.raises(LmcycleError, match=r"^registration timed out after 7 s \(flow\.stage_timeout_s\)$"):
+        _register_in_host(expired, ws, None, None, timeout_s=7.0)
