@@ -3,15 +3,17 @@
 Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW
 (what lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default
 (`pretrain.compile: auto`: the transformer blocks compiled, the fused loss eager; see lmcore/train/compile.py);
-"lmcore eager" is the same model uncompiled. `--compile-hf` also times HF under torch.compile, so the comparison
-can be made compiled against compiled. Runs alternate A B A B … in one process so drift of a shared, noisy
+and each micro-batch split into 2 parts that run at once on one thread each (`pretrain.batch_split: auto`; see
+lmcore/train/split.py); "lmcore unsplit" is compiled on all threads, one batch, and "lmcore eager" is neither.
+`--compile-hf` also times HF under torch.compile, and `--split-hf` HF split the same way, so each of lmcore's
+gains can be set against the same gain given to HF. Runs alternate A B A B … in one process so drift of a shared, noisy
 machine hits all alike; the figures are medians over rounds. Also measured in the same run: the FLOP/s of one
 large fp32 matmul (the practical ceiling of these cores) and the share of it that lmcore's training step achieves
 (ModelConfig.flops_per_token × tokens/s). Prints ratios; asserts nothing about time. Compilation time is
 printed, not counted: it is paid once per run (and mostly cached on disk after the first).
 
     python bench/train_throughput.py [--preset cpu-demo] [--batch 16] [--seq 256] [--rounds 3] [--steps 10]
-        [--threads N] [--clock wall|cpu] [--compile auto|true|false] [--compile-hf]
+        [--threads N] [--clock wall|cpu] [--compile auto|true|false] [--split auto|N] [--compile-hf] [--split-hf]
 
 On a machine shared with other work, `--threads 1 --clock cpu` compares the CPU time each step costs, which
 other processes disturb far less than wall time.
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from lmcore.export import hf_config_dict, to_hf_state_dict
 from lmcore.model import PRESETS, ModelConfig, Transformer
 from lmcore.train.compile import compile_choice, compile_model
+from lmcore.train.split import SplitBackward, split_choice
 
 
 def build_pair(config: ModelConfig) -> tuple[Transformer, torch.nn.Module]:
@@ -45,17 +48,36 @@ def build_pair(config: ModelConfig) -> tuple[Transformer, torch.nn.Module]:
     return ours.train(), theirs.train()
 
 
-def make_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], float]:
+Batch = dict[str, torch.Tensor]
+
+
+def make_step(
+    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor], batch: Batch, parts: int = 1
+):
+    """One optimizer step on the batch: plain backward, or (parts > 1) as lmcore.train splits it."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    split = SplitBackward(parts, torch.get_num_threads(), compiled=True) if parts > 1 else None
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = forward()
-        loss.backward()
+        if split is not None:
+            loss = split(model, batch, loss_fn, 1.0)
+        else:
+            loss = loss_fn(model, batch)
+            loss.backward()
         optimizer.step()
         return loss.item()
 
     return step
+
+
+def lmcore_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(batch["input_ids"], batch["targets"])
+
+
+def hf_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    # targets are already shifted: handed over as shift_labels, both models do the same work
+    return model(input_ids=batch["input_ids"], labels=batch["targets"], shift_labels=batch["targets"]).loss
 
 
 def timed(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
@@ -83,7 +105,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="as pretrain.compile")
+    parser.add_argument("--split", default="auto", help="as pretrain.batch_split: auto or a number of parts")
     parser.add_argument("--compile-hf", action="store_true", help="also time torch.compile(LlamaForCausalLM)")
+    parser.add_argument("--split-hf", action="store_true", help="also time LlamaForCausalLM split as lmcore's step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,35 +117,51 @@ def main() -> None:
     config.context_length = max(config.context_length, args.seq)
     ours, theirs = build_pair(config)
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
-    inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    batch = {"input_ids": data[:, :-1].contiguous(), "targets": data[:, 1:].contiguous()}
     setting = {"auto": "auto", "true": True, "false": False}[args.compile]
     compiling, how = compile_choice(setting, "cpu", "bench")  # errors read "bench.compile: …"
-    print(f"lmcore: {how or 'eager (--compile false)'}")
-    eager_model = Transformer(config).train()
-    eager_model.load_state_dict(ours.state_dict())
-    if compiling:
-        compile_model(ours, ours, "cpu")
+    threads = torch.get_num_threads()
+    split_setting = "auto" if args.split == "auto" else int(args.split)
+    parts, split_how = split_choice(
+        split_setting,
+        device_type="cpu",
+        threads=threads,
+        rows=args.batch,
+        distributed=False,
+        model=ours,
+        section="bench",
+    )
+    print(f"lmcore: {how or 'eager (--compile false)'}; {split_how or 'one part (unsplit)'}")
+
+    def copy_of(model: torch.nn.Module, compile_threads: int = 0) -> torch.nn.Module:
+        twin = copy.deepcopy(model)
+        if compile_threads >= 0 and compiling:
+            compile_model(twin, twin, "cpu", compile_threads)
+        return twin
+
+    # Each variant its own copy of the same weights; a split model's kernels are compiled for its part's threads.
     steps = {
-        "lmcore": make_step(ours, lambda: ours(inputs, targets)),
-        # targets are already shifted: handed over as shift_labels, both models do the same work
-        "hf": make_step(theirs, lambda: theirs(input_ids=inputs, labels=targets, shift_labels=targets).loss),
+        "lmcore": make_step(copy_of(ours, threads // parts), lmcore_loss, batch, parts),
+        "hf": make_step(theirs, hf_loss, batch),
     }
-    if compiling:
-        steps["lmcore eager"] = make_step(eager_model, lambda: eager_model(inputs, targets))
+    if parts > 1 and compiling:
+        steps["lmcore unsplit"] = make_step(copy_of(ours, 0), lmcore_loss, batch)
+    if parts > 1 or compiling:
+        steps["lmcore eager"] = make_step(copy_of(ours, -1), lmcore_loss, batch)
     if args.compile_hf:
         hf_model = copy.deepcopy(theirs)
         hf_compiled = torch.compile(hf_model, options={"cpp_wrapper": True})  # as lmcore compiles on CPU
-        steps["hf compiled"] = make_step(
-            hf_model, lambda: hf_compiled(input_ids=inputs, labels=targets, shift_labels=targets).loss
-        )
-
-    with torch.no_grad():
-        reference = F.cross_entropy(eager_model(inputs).flatten(0, 1), targets.flatten()).item()
+        steps["hf compiled"] = make_step(hf_compiled, hf_loss, batch)
+    if args.split_hf and parts > 1:
+        steps["hf split"] = make_step(copy.deepcopy(theirs), hf_loss, batch, parts)
+    with torch.no_grad():  # the first loss every variant should report
+        logits = ours(batch["input_ids"]).flatten(0, 1)
+        reference = F.cross_entropy(logits, batch["targets"].flatten()).item()
     first = {}
     for name, step in steps.items():  # same weights, same batch: the same first loss
         start = time.perf_counter()
         first[name] = step()
-        if "compiled" in name or (name == "lmcore" and compiling):
+        if "compiled" in name or (name in ("lmcore", "lmcore unsplit") and compiling):
             print(f"{name}: first step {time.perf_counter() - start:.1f} s (with compilation)")
     print(
         f"threads {torch.get_num_threads()}, clock {args.clock}  {args.preset}: {config.num_params() / 1e6:.2f}M "
@@ -156,10 +196,12 @@ def main() -> None:
         f"lmcore {median['lmcore']:,.0f} tok/s  hf {median['hf']:,.0f} tok/s  "
         f"lmcore = {against('lmcore', 'hf')}; goal ≥ 1.3×"
     )
-    if "lmcore eager" in rates:
-        print(f"lmcore eager {median['lmcore eager']:,.0f} tok/s = {against('lmcore eager', 'hf')}")
-    if "hf compiled" in rates:
-        print(f"hf compiled {median['hf compiled']:,.0f} tok/s; lmcore = {against('lmcore', 'hf compiled')}")
+    for name in ("lmcore unsplit", "lmcore eager"):
+        if name in rates:
+            print(f"{name} {median[name]:,.0f} tok/s = {against(name, 'hf')}")
+    for name in ("hf compiled", "hf split"):
+        if name in rates:
+            print(f"{name} {median[name]:,.0f} tok/s; lmcore = {against('lmcore', name)}")
     ceiling = statistics.median(ceilings)
     achieved = config.flops_per_token(args.seq) * median["lmcore"]
     print(

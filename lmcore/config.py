@@ -153,6 +153,26 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int = Field(0, ge=0, description="0 = torch default")
+    batch_split: int | Literal["auto"] = Field(
+        "auto",
+        description="CPU: run each micro-batch as this many parts at once, on threads sharing out the cores "
+        "(lmcore/train/split.py); auto = 2 where it applies, 1 = never",
+    )
+
+    # Unions read badly in pydantic's own messages ("compile.bool: …"): say what is allowed instead.
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_setting(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"must be true, false or auto, got {value!r}")
+
+    @field_validator("batch_split", mode="before")
+    @classmethod
+    def _split_setting(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or a whole number ≥ 1, got {value!r}")
 
 
 class PretrainConfig(TrainConfig):

@@ -15,13 +15,14 @@ from lmcore.config import TrainConfig
 from lmcore.data.shards import TokenShards
 from lmcore.errors import CheckpointError, ConfigError
 from lmcore.metrics import bits_per_byte, count_batches, evaluate_lm
-from lmcore.model import ModelConfig, Transformer
+from lmcore.model import IGNORE_INDEX, ModelConfig, Transformer
 from lmcore.train import checkpoint as ckpt
 from lmcore.train.compile import compile_choice
 from lmcore.train.distributed import DistEnv
-from lmcore.train.loop import TrainCallback, TrainingError, train, weights_digest
+from lmcore.train.loop import TrainCallback, TrainingError, lm_loss, train, weights_digest
 from lmcore.train.optim import build_optimizer, lr_at, param_groups
 from lmcore.train.runtime import rng_state, seed_everything, set_rng_state
+from lmcore.train.split import SplitBackward, split_choice
 
 TINY = dict(n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, context_length=32)
 
@@ -269,6 +270,74 @@ def test_compile_true_without_a_cpp_compiler_names_the_key(monkeypatch: pytest.M
         "eager: torch.compile on CPU needs a C++ compiler and none was found (set CXX) (compile: auto)",
     )
     assert compile_choice(False, "cpu", "pretrain") == (False, "")
+
+
+# --- a micro-batch split into parts on threads (lmcore/train/split.py) -----------------------------------------
+
+
+def test_split_gradient_is_the_whole_batch_gradient() -> None:
+    model = Transformer(ModelConfig(vocab_size=512, **TINY))
+    ids = torch.randint(0, 512, (5, 32), generator=torch.Generator().manual_seed(0))
+    targets = ids.roll(-1, 1)
+    targets[0, :20] = IGNORE_INDEX  # parts with unequal numbers of counted targets
+    targets[3, 5:] = IGNORE_INDEX
+    batch = {"input_ids": ids, "targets": targets}
+    loss = lm_loss(model, batch)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for parts in (2, 3):
+        model.zero_grad(set_to_none=True)
+        split = SplitBackward(parts, 2)
+        try:
+            split_loss = split(model, batch, lm_loss, 1.0)
+        finally:
+            split.close()
+        assert split_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=f"{parts} parts: {name}")
+    assert torch.get_num_threads() == 2  # the caller's count, given back (MKL's count is process-wide)
+
+
+def test_split_choice_auto_and_explicit() -> None:
+    model = Transformer(ModelConfig(vocab_size=512, **TINY))
+    dropped = Transformer(ModelConfig(vocab_size=512, dropout=0.1, **TINY))
+    where = dict(device_type="cpu", threads=2, rows=4, distributed=False, model=model, section="pretrain")
+    assert split_choice("auto", **where) == (2, "each micro-batch runs as 2 parts at once, 1 thread(s) each")
+    assert split_choice(1, **where) == (1, "")
+    for other in (
+        dict(threads=1),
+        dict(threads=3),
+        dict(rows=1),
+        dict(device_type="cuda"),
+        dict(distributed=True),
+        dict(model=dropped),
+    ):
+        assert split_choice("auto", **(where | other))[0] == 1, other
+    with pytest.raises(
+        ConfigError, match=r"^pretrain\.batch_split: 2 parts, but .*dropout.*: set pretrain\.batch_split"
+    ):
+        split_choice(2, **(where | dict(model=dropped)))
+    with pytest.raises(ConfigError, match=r"^finetune\.batch_split: 4 parts, but only 2 thread"):
+        split_choice(4, **(where | dict(section="finetune")))
+
+
+def test_split_training_is_bit_identical_and_resumes_exactly(shards, tmp_path: Path, capfd) -> None:
+    torch.set_num_threads(2)
+    split = dict(dropout=0.0, batch_size=4, compile=True, batch_split="auto")
+    _, unsplit = run_loop(shards, None, dropout=0.0, batch_size=4, compile=True, batch_split=1)
+    straight, expected = run_loop(shards, tmp_path / "a", **split)
+    assert "runs as 2 parts at once" in capfd.readouterr().err
+    losses = [row["loss"] for row in expected.history["train"]]
+    assert losses == pytest.approx([row["loss"] for row in unsplit.history["train"]], abs=1e-4)
+    again, _ = run_loop(shards, None, **split)
+    assert weights_digest(again.state_dict()) == weights_digest(straight.state_dict())
+    with pytest.raises(RuntimeError, match="crash after step 8"):
+        run_loop(shards, tmp_path / "b", callbacks=[Crash(8)], **split)
+    resumed, result = run_loop(shards, tmp_path / "b", **split)
+    assert result.resumed_from == 8
+    assert weights_digest(resumed.state_dict()) == weights_digest(straight.state_dict())
+    assert result.history == expected.history
+    assert torch.get_num_threads() == 2
 
 
 def test_training_lowers_the_loss_and_logs_grad_norms(shards) -> None:

@@ -55,14 +55,20 @@ def _unsupported(device_type: str) -> str | None:
 
 
 def compile_model(
-    model: torch.nn.Module, wrapped: torch.nn.Module, device_type: str
+    model: torch.nn.Module, wrapped: torch.nn.Module, device_type: str, threads: int = 0
 ) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """Compile in place; returns the module to call and a function that restores the eager model."""
+    """Compile in place; returns the module to call and a function that restores the eager model.
+
+    On CPU, `threads` > 0 fixes the thread count the kernels are written for (inductor writes it into the C++);
+    0 takes the count of the thread that first runs the graph.
+    """
     import torch
 
     from lmcore.model import Transformer
 
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    options = None
+    if device_type == "cpu":
+        options = {"cpp_wrapper": True} | ({"cpp.threads": threads} if threads else {})
     body = next((m for m in model.modules() if isinstance(m, Transformer)), None)
     if body is None:  # not an lmcore transformer: compile it whole
         return torch.compile(wrapped, options=options), lambda: None

@@ -41,6 +41,7 @@ from lmcore.train.distributed import (
 )
 from lmcore.train.optim import build_optimizer, lr_at, set_lr
 from lmcore.train.runtime import autocast, peak_flops, pick_dtype, rng_state, seed_everything, set_rng_state
+from lmcore.train.split import SplitBackward, split_choice
 
 if TYPE_CHECKING:
     import torch
@@ -176,6 +177,17 @@ def train(
     compiling, how = compile_choice(cfg.compile, device_type, name)
     if how:
         _say(env, f"{name}: {how}")
+    parts, how = split_choice(
+        cfg.batch_split,
+        device_type=device_type,
+        threads=torch.get_num_threads(),
+        rows=cfg.batch_size // env.world_size,
+        distributed=env.enabled,
+        model=model,
+        section=name,
+    )
+    if how:
+        _say(env, f"{name}: {how}")
 
     state = _State()
     resumed_from = _resume(model, optimizer, state, env, checkpoint_dir, fingerprint, name)
@@ -227,7 +239,13 @@ def train(
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     run_start, run_tokens, run_paused = window_start, 0, 0.0
-    with _StopFlag() as stop, bar, _compiled(model, wrapped, device_type, compiling) as wrapped:
+    threads = torch.get_num_threads() // parts if parts > 1 else 0
+    with (
+        _StopFlag() as stop,
+        bar,
+        _compiled(model, wrapped, device_type, compiling, threads) as wrapped,
+        _splitter(parts, lambda: autocast(device_type, dtype), compiling) as split,
+    ):
         while state.step < cfg.steps:
             step = state.step
             lr = lr_at(step, cfg)
@@ -236,10 +254,13 @@ def train(
             step_tokens = 0
             for micro in range(cfg.grad_accum):
                 batch = batch_fn(step * cfg.grad_accum + micro)
-                with no_sync(wrapped, micro == cfg.grad_accum - 1), autocast(device_type, dtype):
-                    loss = loss_fn(wrapped, batch) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach().float()
+                if split is not None:
+                    loss_sum += split(wrapped, batch, loss_fn, 1 / cfg.grad_accum)
+                else:
+                    with no_sync(wrapped, micro == cfg.grad_accum - 1), autocast(device_type, dtype):
+                        loss = loss_fn(wrapped, batch) / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += loss.detach().float()
                 step_tokens += _count_tokens(batch) * env.world_size
             grad_norm = _clip(model, cfg.grad_clip)
             loss_value, grad_value, stop_votes = _sync_scalars(env, loss_sum, grad_norm, stop.received is not None)
@@ -300,16 +321,31 @@ def train(
 
 
 @contextlib.contextmanager
-def _compiled(model, wrapped, device_type: str, compiling: bool):
+def _compiled(model, wrapped, device_type: str, compiling: bool, threads: int):
     """The module to call while training; the model is eager again afterwards (export, generation)."""
     if not compiling:
         yield wrapped
         return
-    wrapped, restore = compile_model(model, wrapped, device_type)
+    wrapped, restore = compile_model(model, wrapped, device_type, threads)
     try:
         yield wrapped
     finally:
         restore()
+
+
+@contextlib.contextmanager
+def _splitter(parts: int, autocast_fn, compiled: bool):
+    """A SplitBackward for `parts` > 1 (its threads end with training), else None."""
+    if parts == 1:
+        yield None
+        return
+    import torch
+
+    split = SplitBackward(parts, torch.get_num_threads(), autocast_fn, compiled)
+    try:
+        yield split
+    finally:
+        split.close()
 
 
 def _count_tokens(batch: Batch) -> int:
