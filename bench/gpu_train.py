@@ -41,6 +41,7 @@ def settings(args: argparse.Namespace) -> SimpleNamespace:
     """Every setting the loop reads, chosen for a throughput run: no evaluation, no checkpoints."""
     return SimpleNamespace(
         steps=args.steps,
+        batch_size=args.batch,
         grad_accum=1,
         lr=6e-4,
         min_lr_ratio=0.1,
@@ -59,6 +60,7 @@ def settings(args: argparse.Namespace) -> SimpleNamespace:
         device=args.device,
         dtype="auto",  # bf16 autocast on a GPU that has it, fp32 on CPU
         threads=0,
+        batch_split="auto",  # as pretrain: a GPU runs the batch whole
     )
 
 

@@ -6,8 +6,9 @@ of the index, so the data position is the step and needs no saved reader state),
 returns a scalar mean loss. Pretraining passes token-shard windows and the LM loss; fine-tuning passes its own.
 
 Each step: lr from the schedule → grad_accum micro-batches (autocast bf16 on GPU, fp32 on CPU; DDP/FSDP
-gradient sync only on the last) → clip (the pre-clip norm is logged) → a finiteness check (a NaN/inf loss or
-gradient stops with one line naming the step, before the optimizer touches the weights) → AdamW step.
+gradient sync only on the last; on CPU each may run as parts on threads of their own, see split.py) → clip (the
+pre-clip norm is logged) → a finiteness check (a NaN/inf loss or gradient stops with one line naming the step,
+before the optimizer touches the weights) → AdamW step.
 Validation runs every `eval_every` steps and at the end, checkpoints every `checkpoint_every` steps and at the
 end. SIGTERM/SIGINT finish the current step, checkpoint it, and stop with an error (a non-zero exit), so a
 scheduler's preemption loses nothing. On start, the newest checkpoint whose fingerprint matches is resumed: weights,
