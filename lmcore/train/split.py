@@ -166,14 +166,31 @@ def _rows(batch: Batch) -> int:
 
 
 def _accumulate(params: Sequence[torch.Tensor], per_part: list[Sequence[torch.Tensor | None]]) -> None:
+    """Adds each parameter's gradients, part by part, into the first part's (a fresh buffer from autograd, so the
+    sum needs no new memory: allocating it cost more than the adding); that sum becomes or joins `.grad`."""
+    owned: set[int] = set()
     for i, param in enumerate(params):
         grads = [grads[i] for grads in per_part if grads[i] is not None]
         if not grads:
             continue
-        total = grads[0] if len(grads) == 1 else grads[0] + grads[1]
-        for grad in grads[2:]:
-            total.add_(grad)
+        total = grads[0]
+        if len(grads) > 1:
+            if not _is_own_buffer(total, owned):
+                total = total.clone()
+            for grad in grads[1:]:
+                total.add_(grad)
         if param.grad is None:
             param.grad = total
         else:
             param.grad.add_(total)
+
+
+def _is_own_buffer(grad: torch.Tensor, owned: set[int]) -> bool:
+    """A dense tensor of its own, not a view and not one already handed out: safe to add into."""
+    if grad._base is not None or not grad.is_contiguous():
+        return False
+    address = grad.untyped_storage().data_ptr()
+    if address in owned:
+        return False
+    owned.add(address)
+    return True
