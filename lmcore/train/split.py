@@ -146,7 +146,8 @@ class SplitBackward:
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
-    """Row slices (views) of every tensor in the batch: `parts` pieces, as even as the rows allow."""
+    """Row slices (views) of every tensor in the batch: `parts` pieces, as even as the rows allow. (The loop's
+    batches hold one row per sequence in every tensor: ids, targets, masks, labels.)"""
     sliced = {key: value.tensor_split(parts) for key, value in batch.items()}
     return [{key: pieces[i] for key, pieces in sliced.items()} for i in range(parts)]
 
