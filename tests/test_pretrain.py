@@ -144,6 +144,19 @@ def test_two_runs_give_identical_outputs_and_a_loadable_hf_model(data_workspace,
     assert "val_bpb" in card and meta["inputs"]["tokenizer"] in card
 
 
+def test_split_compiled_training_repeats_across_processes(data_workspace, tmp_path: Path) -> None:
+    """The CPU default on 2 cores: the blocks compiled and each micro-batch run as 2 parts on threads of their own.
+    Two fresh processes (the second compiling from inductor's disk cache) end with the same weights and reports."""
+    params = {"pretrain": {"threads": 2, "compile": True, "batch_split": 2}}
+    runs = []
+    for name in ("a", "b"):
+        ws = copy_workspace(data_workspace, tmp_path / name, **params)
+        proc = lmcycle("stage", "pretrain", cwd=ws)
+        assert "each micro-batch runs as 2 parts at once, 1 thread(s) each" in proc.stdout + proc.stderr
+        runs.append(outputs(ws, [*REPORTS, "models/pretrain/hf/model.safetensors"]))
+    assert runs[0] == runs[1]
+
+
 # --- exact resume --------------------------------------------------------------------------------------------
 
 

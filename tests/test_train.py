@@ -259,17 +259,19 @@ def test_compiled_training_is_bit_identical_on_two_threads(shards) -> None:
     assert weights_digest(a.state_dict()) == weights_digest(b.state_dict())
 
 
-def test_compile_true_without_a_cpp_compiler_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_true_without_a_cpp_compiler_names_the_key() -> None:
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++-compiler",))
-    with pytest.raises(ConfigError, match=r"^pretrain\.compile: true, but .*C\+\+ compiler"):
-        compile_choice(True, "cpu", "pretrain")
-    assert compile_choice("auto", "cpu", "pretrain") == (
-        False,
-        "eager: torch.compile on CPU needs a C++ compiler and none was found (set CXX) (compile: auto)",
-    )
+    # inductor's own patch: pytest's monkeypatch would undo it with delattr, which hides the setting for good
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+        with pytest.raises(ConfigError, match=r"^pretrain\.compile: true, but .*C\+\+ compiler"):
+            compile_choice(True, "cpu", "pretrain")
+        assert compile_choice("auto", "cpu", "pretrain") == (
+            False,
+            "eager: torch.compile on CPU needs a C++ compiler and none was found (set CXX) (compile: auto)",
+        )
     assert compile_choice(False, "cpu", "pretrain") == (False, "")
+    assert compile_choice("auto", "cpu", "pretrain")[0]  # the compiler is found again afterwards
 
 
 # --- a micro-batch split into parts on threads (lmcore/train/split.py) -----------------------------------------
