@@ -1,12 +1,13 @@
 """Data parallelism inside one CPU process: each micro-batch split into parts that run at once, on threads.
 
 A CPU training step alternates compute-bound matrix products with memory-bound passes (norms, rotary, SwiGLU,
-softmax, attention). With every core on one batch, all cores wait on memory in the same phases. With the batch
-split into parts, each on a thread of its own with its share of the cores, one part's matrix products run while
-another part streams memory. On 2 cores (cpu-demo, 16 × 256 tokens) 2 parts of 1 thread each train ~9% faster
-than one batch on 2 threads: about what two DDP processes gain, without a second copy of the weights, an
-all-reduce or processes to launch. (The Python threads do not contend for the GIL here: autograd, aten kernels
-and inductor's C++ wrapper release it.)
+softmax, attention). With every core on one batch, all cores wait on memory in the same phases, and every
+operation pays to fork and join its threads. With the batch split into parts, each on a thread of its own with its
+share of the cores, one part's matrix products run while another part streams memory. On 2 cores (cpu-demo,
+16 × 256 tokens) 2 parts of 1 thread each train 3–9% faster than one batch on 2 threads (bench/train_throughput.py,
+several runs): about what two DDP processes gain, without a second copy of the weights, an all-reduce or
+processes to launch. (The Python threads do not contend for the GIL: autograd, aten kernels and inductor's C++
+wrapper release it.)
 
 Exactness: every part runs on a fixed number of threads, and the parts' gradients are summed in part order, so a
 run is bit-repeatable. Each part's mean loss is weighted by its share of the micro-batch's loss terms (targets that
