@@ -245,16 +245,29 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final normalised hidden states, (B, T, d_model)."""
+        """The final normalised hidden states, (B, T, d_model).
+
+        `segment_ids` (B, T) marks the documents packed into a row (1, 2, …; 0 for padding): each token attends
+        only to earlier tokens of its own document, and positions restart at every document, so a packed document
+        is computed exactly as it would be alone.
+        """
         B, T = input_ids.shape
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}")
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids stand for the attention mask and do not go with a KV cache")
+            position_ids = position_ids if position_ids is not None else segment_positions(segment_ids)
         if position_ids is None:  # (T, 1, head_dim / 2): broadcast over batch and heads
             cos, sin = self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]
         else:  # per-row positions, e.g. left-padded batches: (B, T, 1, head_dim / 2)
             cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
-        mask = self._mask(attention_mask, T, start, input_ids.device)
+        if segment_ids is not None:
+            mask = self._segment_mask(segment_ids)
+        else:
+            mask = self._mask(attention_mask, T, start, input_ids.device)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache, start)
@@ -275,6 +288,15 @@ class Transformer(nn.Module):
         eye[torch.arange(T), torch.arange(start, S)] = True
         return mask | (~mask.any(-1, keepdim=True) & eye)
 
+    @staticmethod
+    def _segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, T) boolean: causal within each document. A padding token (segment 0) sees the pads before it
+        and itself, so no row of the mask is empty."""
+        T = segment_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return (same & causal)[:, None]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -283,9 +305,10 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) without targets; with targets (B, T), the mean next-token loss (IGNORE_INDEX skips)."""
-        h = self.hidden_states(input_ids, attention_mask, cache, start, position_ids)
+        h = self.hidden_states(input_ids, attention_mask, cache, start, position_ids, segment_ids)
         if targets is None:
             return self.lm_head(h)
         return chunked_cross_entropy(h, self.lm_head.weight, targets)
@@ -294,6 +317,16 @@ class Transformer(nn.Module):
         """Per-token NLL in nats (B, T), 0 where the target is IGNORE_INDEX: for perplexity and bits-per-byte."""
         h = self.hidden_states(input_ids, attention_mask)
         return chunked_cross_entropy(h, self.lm_head.weight, targets, reduction="none")
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its own document: (B, T), restarting at 0 wherever the segment id changes."""
+    T = segment_ids.shape[1]
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # latest document start
+    return index - first
 
 
 def chunked_cross_entropy(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -106,6 +107,14 @@ def test_packing_keeps_examples_whole_and_masks_intact(tokenizer):
     assert all(len(row) <= 40 for row in packed)
     flat = [t for row in packed for t in row.targets]
     assert flat == [t for ex in examples for t in ex.targets]
+    sizes = [len(ex) for ex in examples]  # each token knows its example: 1, 2, … within every row
+    runs = [sum(1 for _ in group) for row in packed for _, group in itertools.groupby(row.segments)]
+    assert runs == sizes
+    assert all(row.segments == sorted(row.segments) and row.segments[0] == 1 for row in packed)
+    batch = sft.collate(packed[:2], pad_id=0)
+    width = batch["input_ids"].shape[1]
+    assert batch["segment_ids"].tolist() == [row.segments + [0] * (width - len(row)) for row in packed[:2]]
+    assert "segment_ids" not in sft.collate(examples[:2], pad_id=0)  # unpacked rows need no segments
 
 
 def test_collate_right_pads_with_ignored_targets():

@@ -25,6 +25,7 @@ from lmcore.model import (
     Transformer,
     chunked_cross_entropy,
     rope_tables,
+    segment_positions,
 )
 
 
@@ -127,6 +128,27 @@ def test_left_padding_is_invisible() -> None:
         alone = model(x[:1, 6:])
     torch.testing.assert_close(padded[0, 6:], alone[0], atol=1e-4, rtol=1e-5)
     assert torch.isfinite(padded).all()  # fully padded query rows stay finite
+
+
+def test_packed_documents_are_computed_as_if_alone() -> None:
+    model = tiny_model().train()  # training mode: the path fine-tuning runs, hand-written gradients included
+    docs = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 14, 5)]
+    ids = torch.cat([*docs, torch.zeros(4, dtype=torch.long)])[None]  # three documents, then padding
+    segments = torch.cat([torch.full((len(d),), i + 1) for i, d in enumerate(docs)] + [torch.zeros(4)]).long()[None]
+    assert segment_positions(segments).tolist() == [[*range(9), *range(14), *range(5), *range(4)]]
+    packed = model(ids, segment_ids=segments)
+    start = 0
+    for doc in docs:
+        alone = model(doc[None])
+        torch.testing.assert_close(packed[0, start : start + len(doc)], alone[0], atol=1e-5, rtol=1e-5)
+        start += len(doc)
+    assert torch.isfinite(packed).all()
+    targets = ids.roll(-1, 1)  # the packed loss and its gradients flow through the mask
+    loss = model(ids, targets, segment_ids=segments)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(ids, segment_ids=segments, attention_mask=torch.ones_like(ids))
 
 
 def test_context_length_is_enforced() -> None:

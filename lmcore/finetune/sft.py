@@ -34,6 +34,7 @@ class SftExample:
 
     input_ids: list[int]
     targets: list[int]
+    segments: list[int] | None = None  # packed rows: which example (1, 2, …) each token belongs to
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -188,16 +189,18 @@ def build_examples(
 def pack_examples(examples: list[SftExample], max_length: int) -> list[SftExample]:
     """Greedy packing in order: whole examples are appended to a row while they fit, so no example is split.
 
-    Packed examples can attend to earlier examples in their row (no per-document mask): the usual trade of simple
-    packing, fewer pad tokens for a little cross-example context. The loss mask is kept per token.
+    Each token keeps the number of its example within the row (`segments`): collate hands them to the model as
+    `segment_ids`, so an example attends only to itself, with positions from 0, exactly as it would unpacked.
+    Fewer pad tokens, no cross-example context. The loss mask is kept per token.
     """
     packed: list[SftExample] = []
-    row = SftExample([], [])
+    row = SftExample([], [], [])
     for ex in examples:
         if row.input_ids and len(row) + len(ex) > max_length:
             packed.append(row)
-            row = SftExample([], [])
-        row = SftExample(row.input_ids + ex.input_ids, row.targets + ex.targets)
+            row = SftExample([], [], [])
+        segment = (row.segments[-1] if row.segments else 0) + 1
+        row = SftExample(row.input_ids + ex.input_ids, row.targets + ex.targets, row.segments + [segment] * len(ex))
     if row.input_ids:
         packed.append(row)
     return packed
@@ -205,24 +208,34 @@ def pack_examples(examples: list[SftExample], max_length: int) -> list[SftExampl
 
 def collate(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors. Causal attention keeps real tokens blind to the pads after them, so no mask is needed
-    in the forward pass; `attention_mask` is returned for consumers that want it."""
+    in the forward pass; `attention_mask` is returned for consumers that want it. Packed rows add `segment_ids`
+    (0 on pads), which the model's forward takes as a per-example mask."""
     width = max(len(ex) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(ex.segments for ex in examples)
+    segments = torch.zeros((len(examples), width), dtype=torch.long)
     for row, ex in enumerate(examples):
         n = len(ex)
         ids[row, :n] = torch.tensor(ex.input_ids)
         targets[row, :n] = torch.tensor(ex.targets)
         mask[row, :n] = 1
-    return {"input_ids": ids, "targets": targets, "attention_mask": mask}
+        if packed:
+            segments[row, :n] = torch.tensor(ex.segments) if ex.segments else 1
+    batch = {"input_ids": ids, "targets": targets, "attention_mask": mask}
+    if packed:
+        batch["segment_ids"] = segments
+    return batch
 
 
 # --- loss -----------------------------------------------------------------------------------------------------
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over the batch's assistant tokens."""
+    """Mean next-token loss over the batch's assistant tokens (packed rows: each example on its own)."""
+    if "segment_ids" in batch:
+        return model(batch["input_ids"], targets=batch["targets"], segment_ids=batch["segment_ids"])
     return model(batch["input_ids"], targets=batch["targets"])
 
 
