@@ -1,15 +1,15 @@
 """Training throughput on CPU: lmcore's Transformer against transformers' LlamaForCausalLM, same weights.
 
 Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW
-(what lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default
-(`pretrain.compile: auto`: the transformer blocks compiled, the fused loss eager; see lmcore/train/compile.py);
-and each micro-batch split into 2 parts that run at once on one thread each (`pretrain.batch_split: auto`; see
-lmcore/train/split.py); "lmcore unsplit" is compiled on all threads, one batch, and "lmcore eager" is neither.
-`--compile-hf` also times HF under torch.compile, and `--split-hf` HF split the same way, so each of lmcore's
-gains can be set against the same gain given to HF. Runs alternate A B A B … in one process so drift of a shared, noisy
-machine hits all alike; the figures are medians over rounds. Also measured in the same run: the FLOP/s of one
-large fp32 matmul (the practical ceiling of these cores) and the share of it that lmcore's training step achieves
-(ModelConfig.flops_per_token × tokens/s). Prints ratios; asserts nothing about time. Compilation time is
+(what lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default:
+the transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py), and
+each micro-batch split into 2 parts that run at once, on one thread each (`pretrain.batch_split: auto`,
+lmcore/train/split.py). "lmcore unsplit" is compiled but runs the batch whole on all threads; "lmcore eager" is
+neither. `--compile-hf` also times HF under torch.compile and `--split-hf` HF split the same way, so each of
+lmcore's gains can be set against the same gain given to HF. Runs alternate A B A B … in one process so drift of a
+shared, noisy machine hits all alike; the figures are medians over rounds. Also measured in the same run: the
+FLOP/s of one large fp32 matmul (the practical ceiling of these cores) and the share of it that lmcore's training
+step achieves (ModelConfig.flops_per_token × tokens/s). Prints ratios; asserts nothing about time. Compilation time is
 printed, not counted: it is paid once per run (and mostly cached on disk after the first).
 
     python bench/train_throughput.py [--preset cpu-demo] [--batch 16] [--seq 256] [--rounds 3] [--steps 10]
@@ -127,15 +127,17 @@ def main() -> None:
         device_type="cpu",
         threads=threads,
         rows=args.batch,
+        tokens=args.batch * args.seq,
         distributed=False,
         model=ours,
         section="bench",
     )
     print(f"lmcore: {how or 'eager (--compile false)'}; {split_how or 'one part (unsplit)'}")
 
-    def copy_of(model: torch.nn.Module, compile_threads: int = 0) -> torch.nn.Module:
+    def copy_of(model: torch.nn.Module, compile_threads: int | None) -> torch.nn.Module:
+        """The same weights; compiled (unless None or --compile false) for that many threads (0: the caller's)."""
         twin = copy.deepcopy(model)
-        if compile_threads >= 0 and compiling:
+        if compile_threads is not None and compiling:
             compile_model(twin, twin, "cpu", compile_threads)
         return twin
 
@@ -147,7 +149,7 @@ def main() -> None:
     if parts > 1 and compiling:
         steps["lmcore unsplit"] = make_step(copy_of(ours, 0), lmcore_loss, batch)
     if parts > 1 or compiling:
-        steps["lmcore eager"] = make_step(copy_of(ours, -1), lmcore_loss, batch)
+        steps["lmcore eager"] = make_step(copy_of(ours, None), lmcore_loss, batch)
     if args.compile_hf:
         hf_model = copy.deepcopy(theirs)
         hf_compiled = torch.compile(hf_model, options={"cpp_wrapper": True})  # as lmcore compiles on CPU

@@ -303,7 +303,7 @@ def test_split_gradient_is_the_whole_batch_gradient() -> None:
 def test_split_choice_auto_and_explicit() -> None:
     model = Transformer(ModelConfig(vocab_size=512, **TINY))
     dropped = Transformer(ModelConfig(vocab_size=512, dropout=0.1, **TINY))
-    where = dict(device_type="cpu", threads=2, rows=4, distributed=False, model=model, section="pretrain")
+    where = dict(device_type="cpu", threads=2, rows=4, tokens=4096, distributed=False, model=model, section="pretrain")
     assert split_choice("auto", **where) == (2, "each micro-batch runs as 2 parts at once, 1 thread(s) each")
     assert split_choice(1, **where) == (1, "")
     for other in (
@@ -313,6 +313,7 @@ def test_split_choice_auto_and_explicit() -> None:
         dict(device_type="cuda"),
         dict(distributed=True),
         dict(model=dropped),
+        dict(tokens=2047),  # under 1024 tokens a part
     ):
         assert split_choice("auto", **(where | other))[0] == 1, other
     with pytest.raises(
@@ -325,7 +326,7 @@ def test_split_choice_auto_and_explicit() -> None:
 
 def test_split_training_is_bit_identical_and_resumes_exactly(shards, tmp_path: Path, capfd) -> None:
     torch.set_num_threads(2)
-    split = dict(dropout=0.0, batch_size=4, compile=True, batch_split="auto")
+    split = dict(dropout=0.0, batch_size=4, compile=True, batch_split=2)  # explicit: auto leaves tiny batches whole
     _, unsplit = run_loop(shards, None, dropout=0.0, batch_size=4, compile=True, batch_split=1)
     straight, expected = run_loop(shards, tmp_path / "a", **split)
     assert "runs as 2 parts at once" in capfd.readouterr().err

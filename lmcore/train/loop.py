@@ -183,6 +183,7 @@ def train(
         device_type=device_type,
         threads=torch.get_num_threads(),
         rows=cfg.batch_size // env.world_size,
+        tokens=_count_tokens(batch_fn(0)),  # the first micro-batch, whatever step a run resumes at
         distributed=env.enabled,
         model=model,
         section=name,
