@@ -127,7 +127,7 @@ def main() -> None:
         device_type="cpu",
         threads=threads,
         rows=args.batch,
-        tokens=args.batch * args.seq,
+        tokens=lambda: args.batch * args.seq,
         distributed=False,
         model=ours,
         section="bench",

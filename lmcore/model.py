@@ -260,14 +260,13 @@ class Transformer(nn.Module):
             if cache is not None or attention_mask is not None:
                 raise ValueError("segment_ids stand for the attention mask and do not go with a KV cache")
             position_ids = position_ids if position_ids is not None else segment_positions(segment_ids)
+            mask = self._segment_mask(segment_ids)
+        else:
+            mask = self._mask(attention_mask, T, start, input_ids.device)
         if position_ids is None:  # (T, 1, head_dim / 2): broadcast over batch and heads
             cos, sin = self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]
         else:  # per-row positions, e.g. left-padded batches: (B, T, 1, head_dim / 2)
             cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
-        if segment_ids is not None:
-            mask = self._segment_mask(segment_ids)
-        else:
-            mask = self._mask(attention_mask, T, start, input_ids.device)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache, start)
@@ -325,7 +324,7 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # latest document start
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # latest document start
     return index - first
 
 

@@ -303,7 +303,9 @@ def test_split_gradient_is_the_whole_batch_gradient() -> None:
 def test_split_choice_auto_and_explicit() -> None:
     model = Transformer(ModelConfig(vocab_size=512, **TINY))
     dropped = Transformer(ModelConfig(vocab_size=512, dropout=0.1, **TINY))
-    where = dict(device_type="cpu", threads=2, rows=4, tokens=4096, distributed=False, model=model, section="pretrain")
+    where = dict(
+        device_type="cpu", threads=2, rows=4, tokens=lambda: 4096, distributed=False, model=model, section="pretrain"
+    )
     assert split_choice("auto", **where) == (2, "each micro-batch runs as 2 parts at once, 1 thread(s) each")
     assert split_choice(1, **where) == (1, "")
     for other in (
@@ -313,7 +315,7 @@ def test_split_choice_auto_and_explicit() -> None:
         dict(device_type="cuda"),
         dict(distributed=True),
         dict(model=dropped),
-        dict(tokens=2047),  # under 1024 tokens a part
+        dict(tokens=lambda: 2047),  # under 1024 tokens a part
     ):
         assert split_choice("auto", **(where | other))[0] == 1, other
     with pytest.raises(

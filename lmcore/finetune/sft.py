@@ -214,18 +214,16 @@ def collate(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    packed = any(ex.segments for ex in examples)
-    segments = torch.zeros((len(examples), width), dtype=torch.long)
+    batch = {"input_ids": ids, "targets": targets, "attention_mask": mask}
+    if any(ex.segments for ex in examples):
+        batch["segment_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
     for row, ex in enumerate(examples):
         n = len(ex)
         ids[row, :n] = torch.tensor(ex.input_ids)
         targets[row, :n] = torch.tensor(ex.targets)
         mask[row, :n] = 1
-        if packed:
-            segments[row, :n] = torch.tensor(ex.segments) if ex.segments else 1
-    batch = {"input_ids": ids, "targets": targets, "attention_mask": mask}
-    if packed:
-        batch["segment_ids"] = segments
+        if "segment_ids" in batch:
+            batch["segment_ids"][row, :n] = torch.tensor(ex.segments) if ex.segments else 1
     return batch
 
 

@@ -183,7 +183,7 @@ def train(
         device_type=device_type,
         threads=torch.get_num_threads(),
         rows=cfg.batch_size // env.world_size,
-        tokens=_count_tokens(batch_fn(0)),  # the first micro-batch, whatever step a run resumes at
+        tokens=lambda: _count_tokens(batch_fn(0)),  # the first micro-batch, whatever step a run resumes at
         distributed=env.enabled,
         model=model,
         section=name,
@@ -241,12 +241,12 @@ def train(
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     run_start, run_tokens, run_paused = window_start, 0, 0.0
-    threads = torch.get_num_threads() // parts if parts > 1 else 0
     with (
         _StopFlag() as stop,
         bar,
-        _compiled(model, wrapped, device_type, compiling, threads) as wrapped,
         _splitter(parts, lambda: autocast(device_type, dtype), compiling) as split,
+        # a split model's kernels are written for its parts' threads
+        _compiled(model, wrapped, device_type, compiling, split.part_threads if split else 0) as wrapped,
     ):
         while state.step < cfg.steps:
             step = state.step

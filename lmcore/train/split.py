@@ -47,13 +47,13 @@ def split_choice(
     device_type: str,
     threads: int,
     rows: int,
-    tokens: int,
+    tokens: Callable[[], int],
     distributed: bool,
     model: torch.nn.Module,
     section: str,
 ) -> tuple[int, str]:
-    """How many parts each micro-batch (`rows` sequences, `tokens` in all) runs as (1 = unsplit), and a line for
-    the log ("" when unsplit).
+    """How many parts each micro-batch (`rows` sequences; `tokens()` counts its tokens, asked only by `auto`)
+    runs as (1 = unsplit), and a line for the log ("" when unsplit).
 
     `auto` splits in two on a CPU with an even number of threads (≥ 2), in one process, without dropout, when each
     part gets ≥ MIN_PART_TOKENS tokens. An explicit count > 1 where splitting cannot work is a ConfigError.
@@ -64,8 +64,8 @@ def split_choice(
     problem = _unsplittable(parts, device_type, threads, rows, distributed, model)
     if setting == "auto" and threads % 2:
         problem = problem or f"{threads} threads do not share out evenly between 2 parts"
-    if setting == "auto" and tokens < parts * MIN_PART_TOKENS:
-        problem = problem or f"micro-batches of {tokens} tokens are too small to pay for threads"
+    if setting == "auto" and problem is None and (count := tokens()) < parts * MIN_PART_TOKENS:
+        problem = f"micro-batches of {count} tokens are too small to pay for threads"
     if problem is None:
         return parts, f"each micro-batch runs as {parts} parts at once, {threads // parts} thread(s) each"
     if setting == "auto":
