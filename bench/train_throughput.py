@@ -1,16 +1,17 @@
 """Training throughput on CPU: lmcore's Transformer against transformers' LlamaForCausalLM, same weights.
 
-Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW
-(what lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default:
-the transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py), and
-each micro-batch split into 2 parts that run at once, on one thread each (`pretrain.batch_split: auto`,
-lmcore/train/split.py). "lmcore unsplit" is compiled but runs the batch whole on all threads; "lmcore eager" is
-neither. `--compile-hf` also times HF under torch.compile and `--split-hf` HF split the same way, so each of
-lmcore's gains can be set against the same gain given to HF. Runs alternate A B A B … in one process so drift of a
-shared, noisy machine hits all alike; the figures are medians over rounds. Also measured in the same run: the
-FLOP/s of one large fp32 matmul (the practical ceiling of these cores) and the share of it that lmcore's training
-step achieves (ModelConfig.flops_per_token × tokens/s). Prints ratios; asserts nothing about time. Compilation time is
-printed, not counted: it is paid once per run (and mostly cached on disk after the first).
+Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW (what
+lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default: the
+transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py). `--split
+auto` (or N) also splits each micro-batch into parts that run at once on threads of their own
+(`pretrain.batch_split`, lmcore/train/split.py; off by default, not yet bit-repeatable), and then also times "lmcore
+unsplit"; "lmcore eager" is uncompiled and unsplit. `--compile-hf` also times HF under torch.compile and
+`--split-hf` HF split the same way, so each of lmcore's gains can be set against the same gain given to HF. Runs
+alternate A B A B … in one process so drift of a shared, noisy machine hits all alike; the figures are medians over
+rounds. Also measured in the same run: the FLOP/s of one large fp32 matmul (the practical ceiling of these cores)
+and the share of it that lmcore's training step achieves (ModelConfig.flops_per_token × tokens/s). Prints ratios;
+asserts nothing about time. Compilation time is printed, not counted: it is paid once per run (and mostly cached on
+disk after the first).
 
     python bench/train_throughput.py [--preset cpu-demo] [--batch 16] [--seq 256] [--rounds 3] [--steps 10]
         [--threads N] [--clock wall|cpu] [--compile auto|true|false] [--split auto|N] [--compile-hf] [--split-hf]
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="as pretrain.compile")
-    parser.add_argument("--split", default="auto", help="as pretrain.batch_split: auto or a number of parts")
+    parser.add_argument("--split", default="1", help="as pretrain.batch_split: 1 (default), auto or a number of parts")
     parser.add_argument("--compile-hf", action="store_true", help="also time torch.compile(LlamaForCausalLM)")
     parser.add_argument("--split-hf", action="store_true", help="also time LlamaForCausalLM split as lmcore's step")
     args = parser.parse_args()
