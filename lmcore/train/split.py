@@ -144,7 +144,8 @@ class SplitBackward:
             else:
                 results = [self.pool.submit(self._part, model, piece, loss_fn, params, w).result() for piece, w in jobs]
         finally:
-            # MKL's thread count is process-wide: the parts set it to theirs, so give the caller's back
+            # The parts' set_num_threads can reach the caller: torch keeps a process-wide count for threads it
+            # starts later, and one measurement saw the caller slow down after the parts had run. Set it again.
             torch.set_num_threads(self.threads)
         _accumulate(params, [grads for _, grads in results])
         return torch.stack([loss for loss, _ in results]).sum()
@@ -152,7 +153,7 @@ class SplitBackward:
     def _part(self, model, batch: Batch, loss_fn: LossFn, params: Sequence[torch.Tensor], weight: float):
         import torch
 
-        torch.set_num_threads(self.part_threads)  # this thread's OpenMP count; MKL's count, for all
+        torch.set_num_threads(self.part_threads)  # this thread's OpenMP and MKL counts
         with self.autocast():
             loss = loss_fn(model, batch) * weight
         grads = torch.autograd.grad(loss, params, allow_unused=True)
