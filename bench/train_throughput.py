@@ -2,10 +2,10 @@
 
 Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW (what
 lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default: the
-transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py). `--split
-auto` (or N) also splits each micro-batch into parts that run at once on threads of their own
-(`pretrain.batch_split`, lmcore/train/split.py; off by default, not yet bit-repeatable), and then also times "lmcore
-unsplit"; "lmcore eager" is uncompiled and unsplit. `--compile-hf` also times HF under torch.compile and
+transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py), and on an even
+thread count each micro-batch split into 2 parts that run at once on threads of their own (`pretrain.batch_split:
+auto`, lmcore/train/split.py; `--split 1` turns it off). When split, "lmcore unsplit" is timed too; "lmcore eager"
+is uncompiled and unsplit. `--compile-hf` also times HF under torch.compile and
 `--split-hf` HF split the same way, so each of lmcore's gains can be set against the same gain given to HF. Runs
 alternate A B A B … in one process so drift of a shared, noisy machine hits all alike; the figures are medians over
 rounds. Also measured in the same run: the FLOP/s of one large fp32 matmul (the practical ceiling of these cores)
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="as pretrain.compile")
-    parser.add_argument("--split", default="1", help="as pretrain.batch_split: 1 (default), auto or a number of parts")
+    parser.add_argument("--split", default="auto", help="as pretrain.batch_split: auto (default), 1 or N parts")
     parser.add_argument("--compile-hf", action="store_true", help="also time torch.compile(LlamaForCausalLM)")
     parser.add_argument("--split-hf", action="store_true", help="also time LlamaForCausalLM split as lmcore's step")
     args = parser.parse_args()

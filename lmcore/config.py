@@ -154,9 +154,9 @@ class TrainConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int = Field(0, ge=0, description="0 = torch default")
     batch_split: int | Literal["auto"] = Field(
-        1,
+        "auto",
         description="CPU: run each micro-batch as this many parts at once, on threads sharing out the cores "
-        "(lmcore/train/split.py); auto = 2 where it applies, 1 = never (the default: not yet bit-repeatable)",
+        "(lmcore/train/split.py); auto = 2 where it applies and pays, 1 = never",
     )
 
     # Unions read badly in pydantic's own messages ("compile.bool: …"): say what is allowed instead.

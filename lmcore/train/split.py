@@ -9,11 +9,10 @@ several runs): about what two DDP processes gain, without a second copy of the w
 processes to launch. (The Python threads do not contend for the GIL: autograd, aten kernels and inductor's C++
 wrapper release it.)
 
-Exactness: every part runs on a fixed number of threads, and the parts' gradients are summed in part order, meant to
-make a run bit-repeatable, and the tests (in-process, and two processes of a tiny model) find it so. But one of
-about eight full demo runs (400 steps, compiled) came out different from the others from step 11–20 on, with the
-same code and params: some nondeterminism remains, cause not found (concurrent compilation was one, fixed below).
-Until it is found, the default is `batch_split: 1`. Each part's mean loss is weighted by its share of the
+Exactness: every part runs on a fixed number of threads, and the parts' gradients are summed in part order, so a
+run is bit-repeatable; tests check it within a process and across fresh processes. (Two causes of runs that came
+out different were found and fixed: compiling from two threads at once, below, and MKL's vector math set up by a
+parallel first call, see the top of lmcore/model.py.) Each part's mean loss is weighted by its share of the
 micro-batch's loss terms (targets that count; rows where the batch has no targets), so the sum is the gradient of
 the whole micro-batch's mean loss. It differs from an unsplit run in the last bits (another order of summation),
 which is why `batch_split` belongs to a run's fingerprint.
