@@ -300,6 +300,30 @@ def test_split_gradient_is_the_whole_batch_gradient() -> None:
     assert torch.get_num_threads() == 2  # the caller's count, given back (MKL's count is process-wide)
 
 
+def test_split_classification_gradient_is_the_whole_batch_gradient() -> None:
+    """Batches without targets (classification: one label a row) weigh each part by its rows."""
+    from lmcore.finetune.classification import Classifier, classification_loss
+
+    torch.manual_seed(0)
+    model = Classifier(Transformer(ModelConfig(vocab_size=512, **TINY)), num_labels=3)
+    ids = torch.randint(0, 512, (5, 16), generator=torch.Generator().manual_seed(1))  # parts of 3 and 2 rows
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 1, 0])}
+    loss = classification_loss(model, batch)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    split = SplitBackward(2, 2)
+    try:
+        split_loss = split(model, batch, classification_loss, 1.0)
+    finally:
+        split.close()
+    assert split_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_split_choice_auto_and_explicit() -> None:
     model = Transformer(ModelConfig(vocab_size=512, **TINY))
     dropped = Transformer(ModelConfig(vocab_size=512, dropout=0.1, **TINY))
