@@ -277,27 +277,30 @@ def test_compile_true_without_a_cpp_compiler_names_the_key() -> None:
 # --- a micro-batch split into parts on threads (lmcore/train/split.py) -----------------------------------------
 
 
+def assert_split_gives_the_whole_batch_gradient(model, batch, loss_fn, parts: tuple[int, ...]) -> None:
+    loss = loss_fn(model, batch)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for n in parts:
+        model.zero_grad(set_to_none=True)
+        split = SplitBackward(n, 2)
+        try:
+            split_loss = split(model, batch, loss_fn, 1.0)
+        finally:
+            split.close()
+        assert split_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=f"{n} parts: {name}")
+    assert torch.get_num_threads() == 2  # the caller's count, given back (MKL's count is process-wide)
+
+
 def test_split_gradient_is_the_whole_batch_gradient() -> None:
     model = Transformer(ModelConfig(vocab_size=512, **TINY))
     ids = torch.randint(0, 512, (5, 32), generator=torch.Generator().manual_seed(0))
     targets = ids.roll(-1, 1)
     targets[0, :20] = IGNORE_INDEX  # parts with unequal numbers of counted targets
     targets[3, 5:] = IGNORE_INDEX
-    batch = {"input_ids": ids, "targets": targets}
-    loss = lm_loss(model, batch)
-    loss.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    for parts in (2, 3):
-        model.zero_grad(set_to_none=True)
-        split = SplitBackward(parts, 2)
-        try:
-            split_loss = split(model, batch, lm_loss, 1.0)
-        finally:
-            split.close()
-        assert split_loss.item() == pytest.approx(loss.item(), abs=1e-6)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=f"{parts} parts: {name}")
-    assert torch.get_num_threads() == 2  # the caller's count, given back (MKL's count is process-wide)
+    assert_split_gives_the_whole_batch_gradient(model, {"input_ids": ids, "targets": targets}, lm_loss, (2, 3))
 
 
 def test_split_classification_gradient_is_the_whole_batch_gradient() -> None:
@@ -310,18 +313,7 @@ def test_split_classification_gradient_is_the_whole_batch_gradient() -> None:
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 1, 0])}
-    loss = classification_loss(model, batch)
-    loss.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    split = SplitBackward(2, 2)
-    try:
-        split_loss = split(model, batch, classification_loss, 1.0)
-    finally:
-        split.close()
-    assert split_loss.item() == pytest.approx(loss.item(), abs=1e-6)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_split_gives_the_whole_batch_gradient(model, batch, classification_loss, (2,))
 
 
 def test_split_choice_auto_and_explicit() -> None:
