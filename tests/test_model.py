@@ -269,8 +269,8 @@ print(max((cos.double() - angles.cos()).abs().max().item(), (sin.double() - angl
 
 
 def test_rope_tables_are_exact_in_every_fresh_process() -> None:
-    """MKL's vector math sets itself up on its first call. When that call was the RoPE tables' parallel cosine, ~1
-    fresh process in 10 on two threads got cosines off by ~1e-4, unless lmcore.model does the setup first. Fresh
+    """MKL's vector math sets itself up on its first call. When that call was the RoPE tables' parallel cosine, 1
+    fresh process in 6–10 on two threads got cosines off by ~1e-4, unless lmcore.model does the setup first. Fresh
     interpreters one after another, because only a process's first call can go wrong, and processes started
     together (sharing the cores) hit it far more rarely."""
     errors = []
