@@ -2,10 +2,10 @@
 
 Both models get the same config (the cpu-demo preset by default), the same batch, fp32, the same fused AdamW (what
 lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default: the
-transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py), and on an even
-thread count each micro-batch split into 2 parts that run at once on threads of their own (`pretrain.batch_split:
-auto`, lmcore/train/split.py; `--split 1` turns it off). When split, "lmcore unsplit" is timed too; "lmcore eager"
-is uncompiled and unsplit. `--compile-hf` also times HF under torch.compile and
+transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py), and on an
+even thread count each micro-batch split into 2 parts that run at once on threads of their own
+(`pretrain.batch_split: auto`, lmcore/train/split.py; `--split 1` turns it off). When split, "lmcore unsplit" is
+timed too; "lmcore eager" is uncompiled and unsplit. `--compile-hf` also times HF under torch.compile and
 `--split-hf` HF split the same way, so each of lmcore's gains can be set against the same gain given to HF. Runs
 alternate A B A B … in one process so drift of a shared, noisy machine hits all alike; the figures are medians over
 rounds. Also measured in the same run: the FLOP/s of one large fp32 matmul (the practical ceiling of these cores)

@@ -145,8 +145,9 @@ def test_two_runs_give_identical_outputs_and_a_loadable_hf_model(data_workspace,
 
 
 def test_split_compiled_training_repeats_across_processes(data_workspace, tmp_path: Path) -> None:
-    """The CPU default on 2 cores: the blocks compiled and each micro-batch run as 2 parts on threads of their own.
-    Two fresh processes (the second compiling from inductor's disk cache) end with the same weights and reports."""
+    """What the CPU default gives demo-sized batches on 2 cores: the blocks compiled and each micro-batch run as 2
+    parts on threads of their own (asked for explicitly: `auto` leaves this test's small batches whole). Two fresh
+    processes (the second compiling from inductor's disk cache) end with the same weights and reports."""
     params = {"pretrain": {"threads": 2, "compile": True, "batch_split": 2}}
     runs = []
     for name in ("a", "b"):
