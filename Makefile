@@ -31,6 +31,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Regenerate the lock from the current environment (local build labels such as +cpu stripped).
 lock:

@@ -208,6 +208,23 @@ class _CommandRunner:
         )
 
 
+SUPPORTED_DVC = ((3, 67), (3, 68))  # [low, high): the range pyproject.toml pins and the tests ran
+
+
+def check_dvc_version() -> None:
+    """One line, not a traceback deep in DVC, when the installed DVC is outside the range whose private
+    `dvc.stage.run._run` signature the runner below was tested against."""
+    import dvc
+
+    parts = tuple(int(p) for p in dvc.__version__.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_DVC
+    if not (low <= parts < high):
+        raise LmcycleError(
+            f"dvc {dvc.__version__} is not supported by this lmcycle (needs dvc >={low[0]}.{low[1]},"
+            f"<{high[0]}.{high[1]}): pip install 'dvc>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
+        )
+
+
 @contextlib.contextmanager
 def _dvc_runs_commands_with(runner: _CommandRunner) -> Iterator[None]:
     """DVC has no hook for how a stage's command is executed, and the flow needs its output, its process group
@@ -216,6 +233,8 @@ def _dvc_runs_commands_with(runner: _CommandRunner) -> Iterator[None]:
     import logging
 
     import dvc.stage.run as dvc_run
+
+    check_dvc_version()
 
     class Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
