@@ -106,14 +106,15 @@ def run(
     stages, MLflow tracking, and registration with the promotion gate."""
     from lmcore.config import apply_overrides, load_config
     from lmcore.tracking import check_tracking, tracking_enabled, tracking_uri
-    from lmcore.workspace import workspace_lock
+    from lmcore.workspace import dvc_write_lock, workspace_lock
 
     root = workspace.resolve()
     try:
         config = load_config(root / "params.yaml")
         _check_stage_names(root, until, force or [])
         with workspace_lock(root, config.flow.lock_timeout_s):
-            apply_overrides(set_ or [], root / "params.yaml")
+            with dvc_write_lock(root, root / "params.yaml"):  # never under a running `dvc repro`
+                apply_overrides(set_ or [], root / "params.yaml")
             if tracking_enabled():
                 check_tracking(tracking_uri(root))
             from flows.stagehost import prestarted

@@ -433,14 +433,15 @@ def lifecycle(
     """
     from lmcore.config import apply_overrides, read_params, validate
     from lmcore.tracking import tracking_enabled
-    from lmcore.workspace import workspace_lock
+    from lmcore.workspace import dvc_write_lock, workspace_lock
 
     _telemetry_off()
     root = Path(workspace).resolve()
     params_file = root / "params.yaml"
     lock_timeout = validate(read_params(params_file), str(params_file)).flow.lock_timeout_s
     with workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
-        config = apply_overrides(list(overrides or []), params_file)
+        with dvc_write_lock(root, params_file):  # never under a running `dvc repro`
+            config = apply_overrides(list(overrides or []), params_file)
         order, upstream = stage_graph(root)
         selected = select_stages(order, upstream, until)
         unknown = [s for s in force or [] if s not in upstream]

@@ -317,3 +317,30 @@ def workspace_lock(root: Path, timeout_s: float = 0.0) -> Iterator[Path]:
         del _held[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def dvc_write_lock(root: Path, path: Path) -> Iterator[None]:
+    """Hold DVC's write lock on `path` (its `.dvc/tmp/rwlock`, the lock `dvc repro`, `dvc exp run` and the flow
+    take on a stage's deps and outs while its command runs). Writing params.yaml under it means a running stage
+    never has its params changed under it, so DVC never records in dvc.lock params its model was not trained with;
+    the writer fails in one line instead, and a stage cannot start while the write is under way. A folder that is
+    no DVC repository has no such lock."""
+    if not (root / ".dvc").is_dir():
+        yield
+        return
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+    from dvc.rwlock import rwlock
+
+    with Repo(str(root)) as repo:
+        hardlink = repo.config["core"].get("hardlink_lock", False)
+        try:
+            with rwlock(repo.tmp_dir, repo.fs, f"lmcycle: write {path.name}", [], [str(path.resolve())], hardlink):
+                yield
+        except LockError as err:
+            holders = [line.strip() for line in str(err).splitlines() if line.strip().startswith("(PID")]
+            raise LmcycleError(
+                f"{path}: not written: a running stage reads it ({'; '.join(holders) or 'DVC lock'}); "
+                "run again when it ends"
+            ) from None
