@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from conftest import copy_workspace, lmcycle
 
 
@@ -62,7 +61,8 @@ def test_overrides_never_rewrite_params_under_a_running_dvc_repro(data_workspace
         repro.wait(timeout=30)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "params.yaml: not written: a running stage reads it" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "params.yaml: not written: a running stage reads it" in lines[0]
     assert "Traceback" not in proc.stderr
     assert (root / "params.yaml").read_bytes() == before
 
