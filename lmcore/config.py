@@ -312,6 +312,12 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw or {}
 
 
@@ -320,13 +326,21 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (keys, value), the value read as YAML (as `dvc exp run -S` reads it)."""
+    shown = repr(text if len(text) <= 80 else text[:77] + "...")
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
+        raise ConfigError(f"override {shown}: expected section.key=value")
     key, value = text.split("=", 1)
     keys = key.strip().split(".")
-    if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    return keys, yaml.safe_load(value) if value.strip() else ""
+    if len(keys) < 2 or not all(k.strip() for k in keys):
+        raise ConfigError(f"override {shown}: expected section.key=value")
+    try:
+        return keys, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {shown}: the value is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"override {shown}: the value is nested too deeply") from None
 
 
 def set_key(raw: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -391,7 +391,7 @@ def _jsonl_records(file: InputFile, counts: Counter) -> Iterator[dict[str, Any]]
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 counts["rows_invalid"] += 1
                 continue
             if isinstance(record, dict):
@@ -405,6 +405,8 @@ def _json_records(file: InputFile, counts: Counter) -> Iterator[dict[str, Any]]:
         data = json.loads(read_all(file, counts))
     except json.JSONDecodeError as err:
         raise DataError(f"{file.name}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"{file.name}: JSON nested too deeply to read") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     for record in data if isinstance(data, list) else [data]:
@@ -448,6 +450,8 @@ def iter_conversations(file: InputFile, counts: Counter) -> Iterator[Any]:
         data = yaml.load(read_all(file, counts), Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as err:
         raise DataError(f"{file.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise DataError(f"{file.name}: YAML nested too deeply to read") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise DataError(f"{file.name}: no 'conversations:' list (the chatterbot-corpus format)")
     yield from data["conversations"]
