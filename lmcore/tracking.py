@@ -17,7 +17,9 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import math
 import os
 import socket
@@ -58,6 +60,15 @@ CHECK_TIMEOUT_S = 3.0
 SYSTEM_METRICS_INTERVAL_S = 5.0
 MAX_PARAM_CHARS = 6000
 MAX_TAG_CHARS = 5000
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (an empty traces page); with it, on the
+# training runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+RETRY_AFTER_OUTAGE_S = 30.0  # while the server does not answer, events are dropped and one call tried this often
+# A stage's calls give up after ~3 s (MLflow's default retries take ~2 min a call, stalling training that long);
+# the user's own settings win.
+STAGE_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+log = logging.getLogger(__name__)
 # Stage outputs logged as run artifacts: everything small except model weights (those are logged once, by the
 # registry) and data (DVC's cache holds it).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npy", ".tokens"}
@@ -153,9 +164,13 @@ def connect(root: str | Path, experiment: str) -> tuple[MlflowClient, str]:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older lmcycle or by hand
+            with contextlib.suppress(Exception):
+                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return client, found.experiment_id
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     try:
-        return client, client.create_experiment(experiment, artifact_location=artifact_location(uri))
+        return client, client.create_experiment(experiment, artifact_location=artifact_location(uri), tags=tags)
     except Exception:  # another process created it in between
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -215,14 +230,47 @@ def environment_tags(root: Path) -> dict[str, str]:
 # --- the reporter ------------------------------------------------------------------------------------------
 
 
+def _survives_outage(method: Any) -> Any:
+    """A reporter call that drops its events, with one warning, while the tracking server does not answer."""
+
+    @functools.wraps(method)
+    def call(self: MLflowReporter, *args: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        if self._down_since is not None and now - self._down_since < RETRY_AFTER_OUTAGE_S:
+            self.dropped += 1
+            return
+        try:
+            method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the tracking server, never of the work
+            if self._down_since is None:
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                log.warning("tracking: MLflow did not answer (%s); the work goes on, its events are dropped", reason)
+            self._down_since = now
+            self.dropped += 1
+            return
+        if self._down_since is not None:
+            log.warning("tracking: MLflow answers again (%d events dropped meanwhile)", self.dropped)
+            self._down_since = None
+
+    return call
+
+
 class MLflowReporter(Reporter):
-    """lmcore's Reporter that writes to one MLflow run."""
+    """lmcore's Reporter that writes to one MLflow run.
+
+    A tracking outage never stops the work it tracks: a call that fails (after MLflow's own retries) drops its
+    events with one warning, later events are dropped too while the server stays away (one call is tried every
+    `RETRY_AFTER_OUTAGE_S`), and logging resumes when it answers. `dropped` counts what was lost; the stage's run
+    is tagged `lmcycle.tracking_lost` at its end."""
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
         self.logged: set[Path] = set()  # files already logged, so the generic pass after a stage skips them
+        self.dropped = 0
+        self._down_since: float | None = None
 
+    @_survives_outage
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -236,6 +284,7 @@ class MLflowReporter(Reporter):
                     with contextlib.suppress(Exception):
                         self.client.log_param(self.run_id, param.key, param.value)
 
+    @_survives_outage
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
@@ -244,6 +293,7 @@ class MLflowReporter(Reporter):
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
+    @_survives_outage
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
         if path.is_dir():
@@ -253,6 +303,7 @@ class MLflowReporter(Reporter):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
             self.logged.add(path)
 
+    @_survives_outage
     def log_input(self, name: str, digest: str, source: str, context: str = "training") -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -262,6 +313,7 @@ class MLflowReporter(Reporter):
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
 
+    @_survives_outage
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -319,6 +371,8 @@ def stage_run(stage: str, config: Config, paths: Paths) -> Iterator[Reporter]:
             yield rep
         return
     root = original_root(paths.root)
+    for key, value in STAGE_HTTP_RETRIES.items():
+        os.environ.setdefault(key, value)
     check_tracking(tracking_uri(root))
     client, experiment_id = connect(root, config.project.experiment)
     start = _stage_start(stage, config, paths)
@@ -339,9 +393,20 @@ def stage_run(stage: str, config: Config, paths: Paths) -> Iterator[Reporter]:
     finally:
         if monitor is not None:
             monitor.finish()
-        with contextlib.suppress(Exception):
-            rep.set_tags(environment_tags(root))  # torch details, now that the stage has imported it
-        client.set_terminated(run_id, status)
+        _end_stage_run(rep, root, status)
+
+
+def _end_stage_run(rep: MLflowReporter, root: Path, status: str) -> None:
+    """Close a stage's run; after an outage, mark it as having lost events. A server still away is one warning."""
+    tags = environment_tags(root)  # torch details, now that the stage has imported it
+    if rep.dropped:
+        tags |= {"lmcycle.tracking_lost": "true", "lmcycle.tracking_dropped_events": str(rep.dropped)}
+    rep._down_since = None  # one more try, whatever the outage timer says
+    rep.set_tags(tags)
+    try:
+        rep.client.set_terminated(rep.run_id, status)
+    except Exception as err:  # noqa: BLE001
+        log.warning("tracking: could not close MLflow run %s (%s)", rep.run_id, str(err).splitlines()[0][:200])
 
 
 # --- the spool: a stage under the flow writes events, the flow process logs them ---------------------------

@@ -128,6 +128,18 @@ def test_a_stage_logs_its_own_run_with_params_metrics_and_artifacts(tokenizer_wo
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reports")] == ["reports/tokenizer.json"]
 
 
+def test_the_experiment_opens_on_training_runs_in_the_mlflow_ui(tmp_path, monkeypatch):
+    """MLflow 3 shows an experiment without `mlflow.experimentKind` as a GenAI one (an empty traces page); ours are
+    tagged, and an experiment made elsewhere gets the tag on first use."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client, new_id = connect(tmp_path, "fresh")
+    old_id = MlflowClient(uri).create_experiment("made-by-hand")
+    connect(tmp_path, "made-by-hand")
+    for experiment_id in (new_id, old_id):
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_stages_under_the_flow_never_import_mlflow(tokenizer_workspace, tmp_path):
     code = "import sys; from flows.cli import run_stage; run_stage('tokenizer'); print('mlflow' in sys.modules)"
     env = {**os.environ, "LMCYCLE_SPOOL_DIR": str(tmp_path / "spool"), "LMCYCLE_PARENT_RUN_ID": "0" * 32}
