@@ -307,6 +307,11 @@ def reproduce(
         typer.echo("\n".join(f"#   {line}" for line in yaml.safe_dump(rec.params, sort_keys=False).splitlines()))
         if rec.dirty:
             typer.echo("warning: the workspace was dirty; only its params are restored, not uncommitted code", err=True)
+        import torch  # noqa: F401 - so the environment below names this machine's threads and device
+
+        from lmcore.workspace import environment, rebuild_outlook
+
+        typer.echo(f"# {rebuild_outlook(rec.env, environment(Path('.').resolve()))}")
         if not run_:
             return
         identical, digest = rebuild(Path(".").resolve(), rec, target)

@@ -793,6 +793,7 @@ class Recipe:
     params: dict[str, Any]
     weights_sha256: str
     model_dir: str
+    env: dict[str, str] = field(default_factory=dict)  # where it was registered (env.* tags)
 
     def steps(self, directory: str = "<dir>") -> list[str]:
         lines = [f"git worktree add --detach {directory} {self.commit}", f"cd {directory}"]
@@ -815,6 +816,7 @@ def recipe(client: MlflowClient, uri: str) -> Recipe:
         params=json.loads(tags.get(f"{TAG}params", "{}")),
         weights_sha256=tags.get(f"{TAG}weights_sha256", ""),
         model_dir=tags.get(f"{TAG}model_dir", ""),
+        env={k.removeprefix("env."): v for k, v in tags.items() if k.startswith("env.")},
     )
 
 

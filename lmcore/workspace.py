@@ -250,6 +250,7 @@ def environment(root: Path) -> dict[str, str]:
         "torch": _dist_version("torch"),
         "requirements_lock_sha256": (file_sha256(lock) or "none") if lock else "none",
         "cpu_count": str(os.cpu_count()),
+        **cpu_numerics(),
     }
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -264,6 +265,39 @@ def environment(root: Path) -> dict[str, str]:
         else:
             env["device"] = "cpu"
     return env
+
+
+# What decides whether two CPUs give bit-identical training: the same kernels on the same ISA through the same
+# BLAS, on the same thread count (MKL picks its code path per CPU unless MKL_CBWR pins one).
+NUMERICS_KEYS = ("cpu_model", "cpu_isa", "mkl_cbwr", "torch", "threads", "device")
+
+
+def cpu_numerics() -> dict[str, str]:
+    """The CPU model and its vector ISA as the kernels see them, and MKL's reproducibility mode."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+            if model and flags:
+                break
+    isa = [f for f in ("avx512_bf16", "avx512f", "avx2", "fma", "avx", "sse4_2", "asimd", "sve") if f in flags]
+    return {"cpu_model": model, "cpu_isa": " ".join(isa) or "unknown", "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
+
+
+def rebuild_outlook(recorded: dict[str, str], here: dict[str, str]) -> str:
+    """One line: whether a bit-identical rebuild can be expected here, from the environment recorded at
+    registration (`env.*` tags without the prefix) and this machine's."""
+    known = [k for k in NUMERICS_KEYS if k in recorded]
+    if not {"cpu_model", "cpu_isa"} <= set(known):
+        return "bit-identical rebuild here: unknown (the version records no CPU model or ISA)"
+    differ = [f"{k} {recorded[k]!r} there, {here.get(k, '?')!r} here" for k in known if recorded[k] != here.get(k)]
+    if differ:
+        return "bit-identical rebuild here: not expected (" + "; ".join(differ) + ")"
+    return "bit-identical rebuild here: expected (same CPU model, ISA, MKL mode, torch, threads and device)"
 
 
 # --- lock --------------------------------------------------------------------------------------------------
