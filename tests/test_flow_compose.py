@@ -361,26 +361,32 @@ def test_worker_runs_as_a_non_root_user_the_workspace_code(compose):
     assert f"from {module} import {attr}" in (DOCKER / "lmcycle.py").read_text()
 
 
-def run_launcher(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}  # no PYTHONPATH: the checkout alone decides
+def run_launcher(cwd: Path, *args: str, installed: Path | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}
+    if installed:  # a copy of the project on the path, as an image that installed one would have
+        env["PYTHONPATH"] = str(installed)
     return subprocess.run(
         [sys.executable, str(DOCKER / "lmcycle.py"), *args], cwd=cwd, env=env, capture_output=True, text=True
     )
 
 
+def fake_project(root: Path, says: str) -> Path:
+    (root / "flows").mkdir(parents=True)
+    (root / "lmcore").mkdir()
+    (root / "lmcore" / "__init__.py").write_text("")
+    (root / "flows" / "__init__.py").write_text("")
+    program = f"import sys\n\ndef app(prog_name):\n    print({says!r}, prog_name, *sys.argv[1:])\n    return 0\n"
+    (root / "flows" / "cli.py").write_text(program)
+    return root
+
+
 def test_launcher_runs_the_code_of_the_checkout_it_runs_in(tmp_path):
-    checkout = tmp_path / "checkout"
-    (checkout / "flows").mkdir(parents=True)
-    (checkout / "lmcore").mkdir()
-    (checkout / "lmcore" / "__init__.py").write_text("")
-    (checkout / "flows" / "__init__.py").write_text("")
-    (checkout / "flows" / "cli.py").write_text(
-        "import sys\n\ndef app(prog_name):\n    print('checkout', prog_name, __file__, *sys.argv[1:])\n    return 0\n"
-    )
+    checkout = fake_project(tmp_path / "checkout", "checkout")
+    installed = fake_project(tmp_path / "installed", "installed-copy")
     (checkout / "data" / "ingest").mkdir(parents=True)
-    done = run_launcher(checkout / "data" / "ingest", "stage", "ingest")  # where DVC might run it
+    done = run_launcher(checkout / "data" / "ingest", "stage", "ingest", installed=installed)  # as DVC may run it
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["checkout", "lmcycle", str(checkout / "flows" / "cli.py"), "stage", "ingest"]
+    assert done.stdout.split() == ["checkout", "lmcycle", "stage", "ingest"]
 
     outside = run_launcher(tmp_path, "stage", "ingest")
     assert outside.returncode == 2 and outside.stderr.startswith("error: ") and len(outside.stderr.splitlines()) == 1
