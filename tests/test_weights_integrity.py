@@ -132,9 +132,9 @@ def test_gate_refuses_a_tampered_champion_and_promotes_nothing(pretrained_worksp
 
 
 def version(tags: dict[str, str]):
-    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-    return ModelVersion("wi-unit", "3", 0, tags=tags)
+    return ModelVersion("wi-unit", "3", 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
 
 
 def weights_dir(root: Path, **tensors: float) -> Path:
