@@ -414,3 +414,22 @@ def test_worker_dvc_remote_is_the_object_store_without_credentials(compose, tmp_
     assert dvc("remote", "default").strip() == "store"
     assert dvc("config", "remote.store.url").strip() == "s3://dvc"
     assert dvc("config", "remote.store.endpointurl").strip() == "http://minio:9000"
+
+
+def test_kubernetes_gpu_job_template_is_prefects_default_plus_a_gpu_limit():
+    import json
+
+    import prefect
+
+    text = (DOCKER / "k8s-gpu-job-template.json").read_text()
+    template = json.loads(text)
+    declared = set(template["variables"]["properties"])
+    assert set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"]))) <= declared
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"].pop("nvidia.com/gpu") == "{{ gpus }}"
+    gpus = template["variables"]["properties"].pop("gpus")
+    assert gpus["type"] == "integer" and gpus["default"] >= 1
+    # everything else is the default template of the Kubernetes worker that this Prefect knows
+    bundled = Path(prefect.__file__).parent / "server/api/collections_data/views/aggregate-worker-metadata.json"
+    default = json.loads(bundled.read_text())["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]
+    assert template == default

@@ -92,6 +92,11 @@ def test_generate_uses_verified_weights_and_refuses_tampered_ones(pretrained_wor
 
     transformer, _ = load_model("models:/wi-generate@champion")  # untouched: loads
     assert transformer.config.n_layer >= 1
+    served = tmp_path / "served"  # what `mlflow models serve -m` would be given
+    lmcycle("models", "verify", "models:/wi-generate@champion", "--dst", str(served), cwd=paths.root)
+    assert (served / "MLmodel").is_file() and file_sha256(served / "model" / "model.safetensors") == file_sha256(
+        workspace_weights
+    )
 
     tamper(registered_weights("wi-generate", "1"))
     proc = lmcycle(
@@ -102,6 +107,11 @@ def test_generate_uses_verified_weights_and_refuses_tampered_ones(pretrained_wor
     assert proc.stderr.startswith(f"error: models:/wi-generate/1: {MISMATCH} (recorded "), proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
     assert file_sha256(workspace_weights) == tags["lmcycle.weights_sha256.model.safetensors"]  # only the copy changed
+
+    refused = tmp_path / "refused"
+    proc = lmcycle("models", "verify", "models:/wi-generate/1", "--dst", str(refused), cwd=paths.root, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: models:/wi-generate/1: {MISMATCH} (recorded ")
+    assert not refused.exists() and not list(tmp_path.glob(".refused*"))  # nothing half-written
 
 
 def test_gate_refuses_a_tampered_champion_and_promotes_nothing(pretrained_workspace, tmp_path):
