@@ -173,7 +173,8 @@ def test_missing_extra_and_unrecorded_weight_files_are_refused(tmp_path):
     (model / "extra.safetensors").unlink()
 
     weights_dir(model, **{"model-00002-of-00002": 2.5})  # the second shard changed
-    with pytest.raises(WeightsIntegrityError, match="model-00002-of-00002.safetensors does not match the SHA-256"):
+    changed = r"^models:/wi-unit/3: model-00002-of-00002.safetensors does not match the SHA-256"
+    with pytest.raises(WeightsIntegrityError, match=changed):
         verify_weights(version(recorded), model)
     # a version with the overall digest only names the files it covers
     with pytest.raises(WeightsIntegrityError, match=r"model-00001-of-00002.safetensors, model-00002-of-00002"):
