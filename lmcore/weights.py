@@ -40,10 +40,14 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def weights_digest(model_dir: Path) -> str:
     """sha256 over the model's weight files (each file's name and sha256, in name order)."""
+    return _combined({file.name: file_sha256(file) or "" for file in weight_files(model_dir)})
+
+
+def _combined(hashes: dict[str, str]) -> str:
     digest = hashlib.sha256()
-    for file in weight_files(model_dir):
-        digest.update(file.name.encode())
-        digest.update((file_sha256(file) or "").encode())
+    for name in sorted(hashes):
+        digest.update(name.encode())
+        digest.update(hashes[name].encode())
     return digest.hexdigest()
 
 
@@ -63,17 +67,17 @@ def verify_weights(version: ModelVersion, model_dir: Path) -> Path:
             f"{uri}: no SHA-256 recorded on the version (tag {DIGEST_TAG}); its weights cannot be verified"
         )
     on_disk = {file.name: file for file in weight_files(model_dir)}
+    hashes = {name: file_sha256(path) or "" for name, path in on_disk.items()}  # each file read once
     per_file = {key.removeprefix(FILE_TAG): value for key, value in tags.items() if key.startswith(FILE_TAG)}
     for name, expected in sorted(per_file.items()):
         if name not in on_disk:
             raise WeightsIntegrityError(f"{uri}: {name} is missing from {model_dir} (the version records its SHA-256)")
-        found = file_sha256(on_disk[name]) or ""
-        if found != expected:
-            raise _mismatch(uri, name, expected, found, on_disk[name])
+        if hashes[name] != expected:
+            raise _mismatch(uri, name, expected, hashes[name], on_disk[name])
     extra = sorted(set(on_disk) - set(per_file)) if per_file else []
     if extra:
         raise WeightsIntegrityError(f"{uri}: {extra[0]} is not among the weight files recorded on the version")
-    found = weights_digest(model_dir)
+    found = _combined(hashes)
     if found != recorded:  # versions registered before per-file digests: the one digest over all files
         names = ", ".join(on_disk) or f"no *.safetensors in {model_dir}"
         raise _mismatch(uri, names, recorded, found, Path(model_dir))
