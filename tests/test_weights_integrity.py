@@ -110,7 +110,9 @@ def test_generate_uses_verified_weights_and_refuses_tampered_ones(pretrained_wor
 
     refused = tmp_path / "refused"
     proc = lmcycle("models", "verify", "models:/wi-generate/1", "--dst", str(refused), cwd=paths.root, check=False)
-    assert proc.returncode == 1 and proc.stderr.startswith(f"error: models:/wi-generate/1: {MISMATCH} (recorded ")
+    lines = proc.stderr.strip().splitlines()  # (after MLflow's download progress bar)
+    assert proc.returncode == 1 and lines[-1].startswith(f"error: models:/wi-generate/1: {MISMATCH} (recorded ")
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:]
     assert not refused.exists() and not list(tmp_path.glob(".refused*"))  # nothing half-written
 
 
