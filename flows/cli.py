@@ -277,6 +277,22 @@ def models_rollback(name: str) -> None:
     typer.echo(f"models:/{name}@{alias} -> version {version}")
 
 
+@models_app.command("verify")
+def models_verify(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    dst: Annotated[Path, typer.Option(help="download the MLflow model here (a new directory) to serve it")],
+) -> None:
+    """Download a version and check its weights against the SHA-256 recorded on it; then serve that directory
+    (`mlflow models serve -m DST`): MLflow's own loading checks nothing."""
+    from lmcore.weights import download_verified
+
+    try:
+        path = download_verified(_registry_client(), uri, dst)
+    except LmcycleError as err:
+        raise fail(str(err)) from None
+    typer.echo(f"{uri}: weights match the SHA-256 recorded on the version; serve {path}")
+
+
 def _champion_alias(load_config) -> str:
     try:
         return load_config("params.yaml").register.champion_alias

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmcycleError
+from lmcore.weights import verify_weights, weights_digest, weights_tags
 from lmcore.workspace import (
     data_fingerprints,
     dvc_hash,
@@ -128,7 +129,7 @@ def local_model_dir(uri: str, root: str | Path = ".") -> Path:
     key = hashlib.sha256(f"{client.tracking_uri}|{version.name}|{version.version}".encode()).hexdigest()[:16]
     target = model_cache_dir() / f"{_safe(version.name)}-v{version.version}-{key}"
     if (target / "config.json").exists():
-        return target
+        return verify_weights(version, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     try:
@@ -158,7 +159,7 @@ def local_model_dir(uri: str, root: str | Path = ".") -> Path:
             os.replace(joined, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return verify_weights(version, target)
 
 
 def _local_artifacts(client: MlflowClient, version: ModelVersion) -> Path | None:
@@ -453,7 +454,7 @@ def version_tags(paths: Paths, config: Config, cand: Candidate, flow_run_id: str
         f"{TAG}stage": cand.stage,
         f"{TAG}task": cand.task,
         f"{TAG}model_dir": cand.model_dir.relative_to(paths.root).as_posix(),
-        f"{TAG}weights_sha256": weights_digest(cand.model_dir),
+        **weights_tags(cand.model_dir),  # lmcycle.weights_sha256 and one per weight file
         f"{TAG}eval_fingerprint": cand.eval_fingerprint,
         f"{TAG}gate.metric": cand.metric,
         f"{TAG}gate.direction": cand.direction,
@@ -463,15 +464,6 @@ def version_tags(paths: Paths, config: Config, cand: Candidate, flow_run_id: str
     tags |= {f"env.{k}": v for k, v in environment(paths.root).items()}
     tags |= {f"metric.{k}": repr(v) for k, v in cand.metrics.items()}
     return tags
-
-
-def weights_digest(model_dir: Path) -> str:
-    """sha256 over the model's weight files: what `reproduce` compares bit for bit."""
-    digest = hashlib.sha256()
-    for file in sorted(model_dir.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        digest.update((file_sha256(file) or "").encode())
-    return digest.hexdigest()
 
 
 def input_example(task: str) -> Any:
