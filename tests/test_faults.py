@@ -1,0 +1,140 @@
+"""Faults and races: nothing a run starts outlives it, nothing is recorded that did not happen.
+
+Each test is one scenario: a flow process killed with SIGKILL (its Prefect server, stage host and stages go too),
+a stage host that answers too late, a kill between the two renames that replace a checkpoint, a malformed spool
+line, a served model's answer. Real processes throughout; the long ones are marked `slow`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import copy_workspace
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    lines = []
+    for proc in procs:
+        with_cmd = "?"
+        with contextlib.suppress(psutil.Error):
+            with_cmd = " ".join(proc.cmdline())[:160]
+        lines.append(f"{proc.pid}: {with_cmd}")
+    return "\n".join(lines)
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+class RunUnderTest:
+    """`lmcycle run` started in a workspace, with every process it starts tracked as seen (they are reparented
+    when it dies, so the set is collected while it lives) and killed at the end of the test whatever happens."""
+
+    def __init__(self, root: Path, env: dict[str, str], *args: str):
+        self.log = (root / "run.log").open("wb")
+        self.proc = subprocess.Popen(["lmcycle", "run", *args], cwd=root, env=env, stdout=self.log, stderr=self.log)
+        self.seen: dict[int, psutil.Process] = {}
+        self.root = root
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+        return [p for p in self.seen.values() if _alive(p)]
+
+    def wait_for(self, what: str, ready, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            self.descendants()
+            assert self.proc.poll() is None, f"lmcycle run ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout_s:g} s:\n{self.output()[-3000:]}"
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.root / "run.log").read_text(errors="replace")
+
+    def kill9(self) -> list[psutil.Process]:
+        """SIGKILL `lmcycle run`; what it had started and still ran then."""
+        started = self.descendants()
+        self.proc.kill()
+        self.proc.wait()
+        return started
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _kill_all(self.descendants())
+        self.log.close()
+
+
+def survivors(procs: list[psutil.Process], timeout_s: float = 60.0) -> list[psutil.Process]:
+    """The processes of `procs` still alive after up to `timeout_s` (zombies count as ended)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _is_prefect_server(proc: psutil.Process) -> bool:
+    try:
+        return "prefect.server.api.server:create_app" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _checkpoints(root: Path, stage: str = "pretrain") -> list[Path]:
+    return sorted((root / "checkpoints" / stage).glob("step_*"))
+
+
+@pytest.fixture
+def long_pretrain(data_workspace: Path, tmp_path: Path) -> Path:
+    """The tiny workspace after tokenize, with a pretrain long enough to be killed mid-run."""
+    return copy_workspace(
+        data_workspace,
+        tmp_path / "ws",
+        pretrain={"steps": 100_000, "checkpoint_every": 20, "eval_every": 10_000, "log_every": 20},
+    )
+
+
+def _run_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "LMCYCLE_TRACKING": "off", **extra}
+    env.pop("PREFECT_API_URL", None)  # the ephemeral API server, started by `lmcycle run` itself
+    return env
+
+
+# --- A: the ephemeral Prefect server -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill9_of_lmcycle_run_leaves_no_ephemeral_server_host_or_stage(long_pretrain: Path):
+    run = RunUnderTest(long_pretrain, _run_env(LMCYCLE_WARM_STAGES="1"), "--until", "pretrain")
+    try:
+        run.wait_for("ephemeral Prefect server", lambda: any(_is_prefect_server(p) for p in run.descendants()))
+        run.wait_for("pretrain checkpoint", lambda: _checkpoints(long_pretrain))
+        started = run.kill9()
+        assert any(_is_prefect_server(p) for p in started)
+        assert len(started) >= 3, _describe(started)  # the server, the stage host, the trainer it forked
+        left = survivors(started)
+        assert not left, f"outlived `lmcycle run`:\n{_describe(left)}"
+    finally:
+        run.close()
