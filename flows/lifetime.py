@@ -9,18 +9,29 @@ run, which is the point (SIGKILL runs none). Elsewhere than Linux these helpers 
   (Prefect's own command and settings) from the main thread with a parent-death signal, and registers it where the
   client looks for the ephemeral server, the way `prefect.testing.utilities.prefect_test_harness` does; Prefect
   then uses and stops it as before.
+- Stage processes get SIGTERM when the flow (or the warm stage host) that started them dies: a trainer saves a
+  checkpoint on it and exits, so the next run resumes. The signal reaches the process the flow started (the stage
+  command: `sh -c CMD` execs a single command); what that process starts is its own to stop.
+- `stage_record`/`wait_for_previous_stage`: the running stage's pid is kept in `.lmcycle/stage.json`; a new run waits
+  `flow.lock_timeout_s` for a stage left by a killed run to end, then refuses to start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+from lmcore.errors import LmcycleError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -94,3 +105,65 @@ def start_tied_prefect_server() -> Any:
     server = TiedServer()  # registered as the default instance: what the Prefect client asks for
     server.start()  # stopped by Prefect at exit (atexit), as its own would be
     return server
+
+
+# --- the running stage ---------------------------------------------------------------------------------------
+
+
+def _record_path(root: Path) -> Path:
+    return root / ".lmcycle" / "stage.json"
+
+
+@contextlib.contextmanager
+def stage_record(root: Path | None, pid: int, name: str) -> Iterator[None]:
+    """Record the running stage process (it leads its own process group) for as long as it runs."""
+    if root is None:
+        yield
+        return
+    import psutil
+
+    path = _record_path(root)
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        started = 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "create_time": started, "stage": name, "flow_pid": os.getpid()}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _left_over(root: Path) -> dict[str, Any] | None:
+    """The recorded stage when its process (or any of its group) still runs."""
+    import psutil
+
+    from flows.lifecycle import group_alive
+
+    try:
+        record = json.loads(_record_path(root).read_text())
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        same = abs(psutil.Process(pid).create_time() - float(record.get("create_time", 0))) < 0.01
+        if same and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return record
+    except psutil.Error:
+        pass
+    return record if group_alive(pid) else None
+
+
+def wait_for_previous_stage(root: Path, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for a stage process of an earlier (killed) run to end; fail with one line if it does
+    not. The record is removed once nothing of it runs."""
+    deadline = time.monotonic() + timeout_s
+    while (record := _left_over(root)) is not None:
+        if time.monotonic() >= deadline:
+            raise LmcycleError(
+                f"{_record_path(root)}: stage {record.get('stage')} of a previous run is still running "
+                f"(pid {record.get('pid')}); waited {timeout_s:g} s (flow.lock_timeout_s)"
+            )
+        time.sleep(0.2)
+    _record_path(root).unlink(missing_ok=True)

@@ -36,6 +36,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
+from flows.lifetime import set_parent_death_signal
+
 WARM_ENV = "LMCYCLE_WARM_STAGES"
 _HEADER = struct.Struct("!I")
 
@@ -153,8 +155,10 @@ def _serve_request(conn: socket.socket, listener: socket.socket, children: dict[
         _reply(conn, {"error": "CUDA was initialised in the stage host; a forked child could not use it"})
         conn.close()
         return
+    host = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
+        set_parent_death_signal(signal.SIGTERM, host)  # should the host be killed outright, the stage goes too
         listener.close()
         conn.close()
         _run_child(request, fds[0])

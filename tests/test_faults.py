@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def long_pretrain(data_workspace: Path, tmp_path: Path) -> Path:
     return copy_workspace(
         data_workspace,
         tmp_path / "ws",
-        pretrain={"steps": 100_000, "checkpoint_every": 20, "eval_every": 10_000, "log_every": 20},
+        pretrain={"steps": 100_000, "checkpoint_every": 20, "eval_every": 100_000, "log_every": 100_000},
     )
 
 
@@ -138,3 +139,44 @@ def test_kill9_of_lmcycle_run_leaves_no_ephemeral_server_host_or_stage(long_pret
         assert not left, f"outlived `lmcycle run`:\n{_describe(left)}"
     finally:
         run.close()
+
+
+# --- B: a stage started fresh --------------------------------------------------------------------------------
+
+
+def _trainers(procs: list[psutil.Process]) -> list[psutil.Process]:
+    found = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if "stage pretrain" in " ".join(proc.cmdline()):
+                found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(long_pretrain: Path):
+    env = _run_env(LMCYCLE_WARM_STAGES="0")
+    run = RunUnderTest(long_pretrain, env, "--until", "pretrain")
+    reruns: list[RunUnderTest] = []
+    try:
+        run.wait_for("pretrain checkpoint", lambda: _checkpoints(long_pretrain) and _trainers(run.descendants()))
+        trainer = _trainers(run.descendants())[0]
+        trainer.suspend()  # it cannot act on anything until resumed: a trainer of a killed run, still alive
+        started = run.kill9()
+        refused = RunUnderTest(long_pretrain, env, "--until", "pretrain")
+        reruns.append(refused)
+        assert refused.proc.wait(timeout=600) != 0
+        errors = [line for line in refused.output().splitlines() if line.startswith("error:")]
+        assert errors and "stage pretrain of a previous run is still running" in errors[-1], refused.output()[-3000:]
+        assert _alive(trainer)
+        trainer.resume()  # the SIGTERM from its parent's death is delivered now: it checkpoints and exits
+        left = survivors(started)
+        assert not left, f"outlived `lmcycle run`:\n{_describe(left)}"
+        rerun = RunUnderTest(long_pretrain, env, "--until", "pretrain")
+        reruns.append(rerun)
+        rerun.wait_for("resumed pretrain", lambda: "pretrain: resuming from" in rerun.output())
+        rerun.proc.send_signal(signal.SIGTERM)
+        rerun.proc.wait(timeout=120)
+    finally:
+        for each in [run, *reruns]:
+            each.close()
