@@ -118,9 +118,10 @@ def long_pretrain(data_workspace: Path, tmp_path: Path) -> Path:
 
 
 def _run_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "LMCYCLE_TRACKING": "off", **extra}
-    env.pop("PREFECT_API_URL", None)  # the ephemeral API server, started by `lmcycle run` itself
-    return env
+    """Tracking off; Prefect's ephemeral API server (started by `lmcycle run` itself) unless `extra` names one."""
+    env = {**os.environ, "LMCYCLE_TRACKING": "off"}
+    env.pop("PREFECT_API_URL", None)
+    return {**env, **extra}
 
 
 # --- A: the ephemeral Prefect server -------------------------------------------------------------------------
@@ -154,8 +155,8 @@ def _trainers(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(long_pretrain: Path):
-    env = _run_env(LMCYCLE_WARM_STAGES="0")
+def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(long_pretrain: Path, prefect_api):
+    env = _run_env(LMCYCLE_WARM_STAGES="0", PREFECT_API_URL=prefect_api)
     run = RunUnderTest(long_pretrain, env, "--until", "pretrain")
     reruns: list[RunUnderTest] = []
     try:
@@ -180,3 +181,51 @@ def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(
     finally:
         for each in [run, *reruns]:
             each.close()
+
+
+# --- D: a warm stage host that answers too late --------------------------------------------------------------
+
+
+def test_a_stage_host_answering_after_the_deadline_never_runs_the_stage_a_second_time(
+    tmp_path: Path, kjv_slice: Path, chatter_slice: Path
+):
+    """The flow gives up on a stopped host and starts the stage itself; the request left in the host's socket is
+    withdrawn, so exactly one stage process runs (each writes its own spool file: stage.PID.jsonl)."""
+    from conftest import make_workspace, tiny_params
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    from flows.lifecycle import _CommandRunner
+    from flows.stagehost import StageHost, stage_env
+    from lmcore.tracking import SPOOL_ENV
+
+    root = make_workspace(tmp_path / "ws", tiny_params(kjv_slice, chatter_slice), dvc=False)
+    spool = tmp_path / "spool"
+    env = {**os.environ, **stage_env(), SPOOL_ENV: str(spool), "LMCYCLE_TRACKING": "on"}
+    log = tmp_path / "host.log"
+    host = StageHost.start(root, env, log=log)
+    host.ready_s = 3.0
+    try:
+        deadline = time.monotonic() + 60
+        while not host.socket_path.exists():  # bound: it serves from here on
+            assert host.alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(host.proc.pid, signal.SIGSTOP)
+        lines: list[str] = []
+        runner = _CommandRunner(time.monotonic() + 300, 5.0, lines.append, host)
+        with pytest.raises(StageCmdFailedError):  # no tokens in this workspace: pretrain fails, after it started
+            runner("/bin/sh", "lmcycle stage pretrain", cwd=str(root), env=env)
+        assert any("did not answer in 3 s" in line for line in lines), lines
+        assert not any("closed the connection" in line for line in lines), lines
+        os.kill(host.proc.pid, signal.SIGCONT)
+        while "withdrew" not in log.read_text() and time.monotonic() < deadline + 120:  # the host caught up
+            assert host.alive()
+            if len(list(spool.glob("*.jsonl"))) > 1:
+                break
+            time.sleep(0.1)
+        host.close()
+        ran = sorted(p.name for p in spool.glob("*.jsonl"))
+        assert len(ran) == 1, f"stage processes that ran: {ran}\n{log.read_text()}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(host.proc.pid, signal.SIGCONT)
+        host.close()
