@@ -229,3 +229,26 @@ def test_a_stage_host_answering_after_the_deadline_never_runs_the_stage_a_second
         with contextlib.suppress(ProcessLookupError):
             os.kill(host.proc.pid, signal.SIGCONT)
         host.close()
+
+
+# --- E: a grace period Prefect's cancellation would cut short -----------------------------------------------
+
+
+def test_a_kill_grace_longer_than_prefects_cancellation_window_is_refused(tmp_path: Path):
+    import shutil
+
+    from conftest import REPO
+
+    from lmcore.config import apply_overrides, load_config
+    from lmcore.errors import ConfigError
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = params.read_bytes()
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(["flow.kill_grace_s=40"], params)
+    assert str(err.value).startswith("flow.kill_grace_s: must be ≤ 25, got 40")
+    assert "\n" not in str(err.value)
+    assert params.read_bytes() == before
+    assert load_config(params).flow.kill_grace_s == 10.0
+    assert apply_overrides(["flow.kill_grace_s=25"], params).flow.kill_grace_s == 25.0
