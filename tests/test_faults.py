@@ -252,3 +252,62 @@ def test_a_kill_grace_longer_than_prefects_cancellation_window_is_refused(tmp_pa
     assert params.read_bytes() == before
     assert load_config(params).flow.kill_grace_s == 10.0
     assert apply_overrides(["flow.kill_grace_s=25"], params).flow.kill_grace_s == 25.0
+
+
+# --- F: a kill between the two renames that replace a directory ---------------------------------------------
+
+_KILLED_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+
+real = {name}
+def killed_before_moving_in(src, dst):
+    if Path(dst).name == sys.argv[2] and Path(src).name != sys.argv[2] and not Path(dst).name.startswith("."):
+        if any(p.name.startswith(".") and p.is_dir() and p != Path(src) for p in Path(dst).parent.iterdir()):
+            os._exit(9)  # the old copy is aside, the new one not yet in place
+    return real(src, dst)
+{name} = killed_before_moving_in
+"""
+
+
+def _killed_mid_replace(code: str) -> None:
+    proc = subprocess.run(["python", "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+
+
+def test_a_checkpoint_replaced_by_a_writer_killed_between_its_renames_is_still_resumed(tmp_path: Path):
+    import torch
+
+    from lmcore.train import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    weights = {"w": torch.arange(6, dtype=torch.float32)}
+    ck.write_checkpoint(root, 10, weights, {"opt": 1}, {}, {"fingerprint": "fp"})
+    code = _KILLED_BETWEEN_RENAMES.format(name="os.rename") + (
+        "import torch\nfrom lmcore.train import checkpoint as ck\n"
+        "ck.write_checkpoint(Path(sys.argv[1]), 10, {'w': torch.zeros(6)}, {'opt': 2}, {}, {'fingerprint': 'fp'})\n"
+    )
+    _killed_mid_replace(code.replace("sys.argv[1]", repr(str(root))).replace("sys.argv[2]", repr("step_0000010")))
+    assert not (root / "step_0000010").exists()  # the kill landed in the window
+    found = ck.find_resumable(root, "fp")
+    assert found is not None and found.path.name == "step_0000010"
+    assert torch.equal(ck.load_weights(found.path)["w"], weights["w"])
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000010"]
+
+
+def test_a_tokenizer_directory_replaced_by_a_writer_killed_between_its_renames_comes_back(tmp_path: Path):
+    from lmcore.tokenizer import atomic_directory
+
+    target = tmp_path / "tokenizer"
+    with atomic_directory(target) as tmp:
+        (tmp / "tokenizer.json").write_text("first")
+    code = _KILLED_BETWEEN_RENAMES.format(name="os.replace") + (
+        "from lmcore.tokenizer import atomic_directory\n"
+        "with atomic_directory(Path(sys.argv[1])) as tmp:\n    (tmp / 'tokenizer.json').write_text('second')\n"
+    )
+    _killed_mid_replace(code.replace("sys.argv[1]", repr(str(target))).replace("sys.argv[2]", repr("tokenizer")))
+    assert not target.exists()  # the kill landed in the window
+    with pytest.raises(RuntimeError), atomic_directory(target):  # the next write starts, and fails
+        raise RuntimeError("a failed rewrite")
+    assert (target / "tokenizer.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
