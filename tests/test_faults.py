@@ -311,3 +311,28 @@ def test_a_tokenizer_directory_replaced_by_a_writer_killed_between_its_renames_c
         raise RuntimeError("a failed rewrite")
     assert (target / "tokenizer.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+# --- G: the spool forwarder -----------------------------------------------------------------------------------
+
+
+def test_a_malformed_spool_line_loses_no_later_event_and_never_fails_a_finished_stage(tmp_path: Path, capfd):
+    """The final poll (at the stage's end) meets a line that is no event: it is skipped with a warning, the events
+    after it are still logged, and leaving the forwarder raises nothing."""
+    from lmcore.tracking import SpoolForwarder, SpoolReporter, connect
+
+    client, experiment_id = connect(tmp_path, "spool-faults")
+    spool = tmp_path / "spool"
+    with SpoolForwarder(spool, client, experiment_id, interval_s=3600) as forwarder:  # only the final poll
+        rep = SpoolReporter(spool / "toy.1.jsonl")
+        rep.write("start", stage="toy", root=str(tmp_path), tags={}, params={"a": 1})
+        rep.log_metrics({"toy.loss": 1.0}, step=1)
+        rep.file.write('{"op": "metrics", "data": {"toy.loss": 0.5}, "st\n')  # cut short, then a newline
+        rep.file.write("[1, 2]\n")  # JSON, but no event
+        rep.log_metrics({"toy.loss": 0.25}, step=3)
+        rep.write("end", status="FINISHED", error="", env={})
+        rep.close()
+    (run,) = map(client.get_run, forwarder.run_ids)
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "toy.loss")] == [(1, 1.0), (3, 0.25)]
+    assert capfd.readouterr().err.count("skipped a malformed line") == 2
