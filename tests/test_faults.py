@@ -7,6 +7,7 @@ line, a served model's answer. Real processes throughout; the long ones are mark
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -311,6 +312,33 @@ def test_a_tokenizer_directory_replaced_by_a_writer_killed_between_its_renames_c
         raise RuntimeError("a failed rewrite")
     assert (target / "tokenizer.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+# --- C: what a served model calls itself ---------------------------------------------------------------------
+
+
+def test_a_registered_model_answers_under_its_registered_name_not_a_local_path(
+    pretrained_workspace, tmp_path, monkeypatch
+):
+    """At the pyfunc level: `mlflow models serve` answers /invocations with this same predict (its scoring server
+    only wraps the output), so the `model` field is what the served answer carries."""
+    import mlflow
+    from mlflow.models import Model
+
+    from lmcore.config import load_config
+    from lmcore.paths import Paths
+    from lmcore.registry import register_model
+
+    monkeypatch.setenv("LMCYCLE_CACHE", str(tmp_path / "cache"))
+    root = copy_workspace(pretrained_workspace, tmp_path / "ws", project={"registered_model": "faults-served"})
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    register_model(Paths.of(root), load_config(root / "params.yaml"))
+    model = mlflow.pyfunc.load_model("models:/faults-served@champion")
+    out = model.predict({"messages": [{"role": "user", "content": "Who made the heaven?"}], "max_tokens": 4})
+    assert out[0]["object"] == "chat.completion"
+    assert out[0]["model"] == "faults-served"
+    recorded = json.dumps(Model.load("models:/faults-served@champion").flavors["transformers"])
+    assert str(root) not in recorded and str(tmp_path) not in recorded, recorded
 
 
 # --- G: the spool forwarder -----------------------------------------------------------------------------------
