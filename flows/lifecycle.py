@@ -164,25 +164,25 @@ class _CommandRunner:
     def __call__(self, executable: str | None, cmd: str, **kwargs: Any) -> None:
         from dvc.stage.exceptions import StageCmdFailedError
 
-        from flows.lifetime import stage_record
+        from flows.lifetime import forget_stage, remember_stage
 
         proc = self._start(executable, cmd, kwargs["cwd"], kwargs["env"])
+        remember_stage(self.record, proc.pid)
         timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._on_timeout, [proc])
         timer.daemon = True
         timer.start()
-        root, name = self.record or (None, "")
-        with stage_record(root, proc.pid, name):
-            try:
-                for raw in proc.stdout:
-                    for line in raw.rstrip("\n").split("\r"):
-                        if line.strip():
-                            self.line(line)
-                code = proc.wait()
-            finally:
-                timer.cancel()
-                if proc.poll() is None or group_alive(proc.pid):
-                    stop_group(proc, self.grace_s)
-                proc.stdout.close()
+        try:
+            for raw in proc.stdout:
+                for line in raw.rstrip("\n").split("\r"):
+                    if line.strip():
+                        self.line(line)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None or group_alive(proc.pid):
+                stop_group(proc, self.grace_s)
+            proc.stdout.close()
+            forget_stage(self.record)
         self.exit_code = code
         if code != 0:
             raise StageCmdFailedError(cmd, code)

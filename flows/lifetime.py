@@ -12,13 +12,12 @@ run, which is the point (SIGKILL runs none). Elsewhere than Linux these helpers 
 - Stage processes get SIGTERM when the flow (or the warm stage host) that started them dies: a trainer saves a
   checkpoint on it and exits, so the next run resumes. The signal reaches the process the flow started (the stage
   command: `sh -c CMD` execs a single command); what that process starts is its own to stop.
-- `stage_record`/`wait_for_previous_stage`: the running stage's pid is kept in `.lmcycle/stage.json`; a new run waits
+- `remember_stage`/`wait_for_previous_stage`: the running stage's pid is kept in `.lmcycle/stage.json`; a new run waits
   `flow.lock_timeout_s` for a stage left by a killed run to end, then refuses to start.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -27,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,25 +113,26 @@ def _record_path(root: Path) -> Path:
     return root / ".lmcycle" / "stage.json"
 
 
-@contextlib.contextmanager
-def stage_record(root: Path | None, pid: int, name: str) -> Iterator[None]:
-    """Record the running stage process (it leads its own process group) for as long as it runs."""
-    if root is None:
-        yield
+def remember_stage(record: tuple[Path, str] | None, pid: int) -> None:
+    """Record the running stage process of workspace `record[0]` (it leads its own process group)."""
+    if record is None:
         return
     import psutil
 
-    path = _record_path(root)
+    root, name = record
     try:
         started = psutil.Process(pid).create_time()
     except psutil.Error:
         started = 0.0
+    path = _record_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"pid": pid, "create_time": started, "stage": name, "flow_pid": os.getpid()}))
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+
+
+def forget_stage(record: tuple[Path, str] | None) -> None:
+    """The recorded stage has ended (its whole group)."""
+    if record is not None:
+        _record_path(record[0]).unlink(missing_ok=True)
 
 
 def _left_over(root: Path) -> dict[str, Any] | None:

@@ -317,6 +317,7 @@ def test_a_tokenizer_directory_replaced_by_a_writer_killed_between_its_renames_c
 # --- C: what a served model calls itself ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_registered_model_answers_under_its_registered_name_not_a_local_path(
     pretrained_workspace, tmp_path, monkeypatch
 ):
