@@ -10,7 +10,9 @@ which a stage needs to behave exactly like the process DVC would have started. T
 - forks one child per request. The child leads its own process group (it can be signalled as a whole, as with
   `start_new_session=True`; the host itself runs in a session of its own, without a terminal), takes the caller's
   pipe as stdout and stderr, its environment and working directory, runs the `lmcycle` command line and exits
-  with its status. The host reports the child's pid at once and its exit status when it ends;
+  with its status. The host reports the child's pid at once and its exit status when it ends. The child starts the
+  command only once the caller confirms it took the pid: a caller that gave up waiting (`StageHost.ready_s`) and
+  started the command itself has closed the connection, and the request still queued here is never run;
 - exits when its stdin closes (the flow process ended, however it ended), stopping any child still running.
 
 Client side: `StageHost.start()` in the flow process, `StageHost.spawn(argv, cwd, env)` → a `HostedProcess`
