@@ -321,8 +321,7 @@ def test_a_tokenizer_directory_replaced_by_a_writer_killed_between_its_renames_c
 def test_a_registered_model_answers_under_its_registered_name_not_a_local_path(
     pretrained_workspace, tmp_path, monkeypatch
 ):
-    """At the pyfunc level: `mlflow models serve` answers /invocations with this same predict (its scoring server
-    only wraps the output), so the `model` field is what the served answer carries."""
+    """Through pyfunc and through `mlflow models serve` (its /invocations answer wraps that same predict)."""
     import mlflow
     from mlflow.models import Model
 
@@ -340,6 +339,48 @@ def test_a_registered_model_answers_under_its_registered_name_not_a_local_path(
     assert out[0]["model"] == "faults-served"
     recorded = json.dumps(Model.load("models:/faults-served@champion").flavors["transformers"])
     assert str(root) not in recorded and str(tmp_path) not in recorded, recorded
+    answer = _served_answer("models:/faults-served@champion", tmp_path / "serve.log")
+    assert answer["model"] == "faults-served" and "/" not in answer["model"], answer
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def _served_answer(uri: str, log_path: Path) -> dict:
+    """One OpenAI-style chat request to `mlflow models serve` on a free 127.0.0.1 port, stopped by process group."""
+    import socket
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        return answer["predictions"][0] if "predictions" in answer else answer[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # --- G: the spool forwarder -----------------------------------------------------------------------------------
