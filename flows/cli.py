@@ -120,6 +120,9 @@ def run(
             from flows.stagehost import prestarted
 
             with prestarted(root):  # it imports torch while Prefect starts
+                from flows.lifetime import start_tied_prefect_server
+
+                start_tied_prefect_server()  # Prefect's ephemeral API, dying with this process even by SIGKILL
                 from flows.lifecycle import lifecycle
 
                 state = lifecycle(

@@ -147,8 +147,16 @@ class _CommandRunner:
     there is one.
     """
 
-    def __init__(self, deadline: float, grace_s: float, on_line: Callable[[str], None], host: Any = None):
+    def __init__(
+        self,
+        deadline: float,
+        grace_s: float,
+        on_line: Callable[[str], None],
+        host: Any = None,
+        record: tuple[Path, str] | None = None,
+    ):
         self.deadline, self.grace_s, self.on_line, self.host = deadline, grace_s, on_line, host
+        self.record = record  # (workspace, stage name): where the running stage is recorded (flows.lifetime)
         self.timed_out = threading.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.exit_code: int | None = None
@@ -156,7 +164,10 @@ class _CommandRunner:
     def __call__(self, executable: str | None, cmd: str, **kwargs: Any) -> None:
         from dvc.stage.exceptions import StageCmdFailedError
 
+        from flows.lifetime import forget_stage, remember_stage
+
         proc = self._start(executable, cmd, kwargs["cwd"], kwargs["env"])
+        remember_stage(self.record, proc.pid)
         timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._on_timeout, [proc])
         timer.daemon = True
         timer.start()
@@ -171,6 +182,7 @@ class _CommandRunner:
             if proc.poll() is None or group_alive(proc.pid):
                 stop_group(proc, self.grace_s)
             proc.stdout.close()
+            forget_stage(self.record)
         self.exit_code = code
         if code != 0:
             raise StageCmdFailedError(cmd, code)
@@ -194,6 +206,8 @@ class _CommandRunner:
                 return self.host.spawn(argv, cwd, env)
             except OSError as err:
                 self.line(f"warm stage host unavailable ({err}); starting a fresh process")
+        from flows.lifetime import die_with_parent
+
         return subprocess.Popen(
             _make_cmd(executable, cmd),
             cwd=cwd,
@@ -202,6 +216,7 @@ class _CommandRunner:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # a SIGKILLed flow leaves no stage running
             text=True,
             errors="replace",
             bufsize=1,
@@ -275,7 +290,7 @@ def run_dvc_stage(
     from dvc.repo import Repo
 
     started = time.monotonic()
-    runner = _CommandRunner(started + timeout_s, grace_s, on_line, host)
+    runner = _CommandRunner(started + timeout_s, grace_s, on_line, host, record=(Path(root), name))
     error: DvcException | None = None
     reproduced: list[Any] = []
     with _dvc_runs_commands_with(runner), Repo(str(root)) as repo:
@@ -431,6 +446,7 @@ def lifecycle(
     `overrides` (section.key=value) are validated and written into params.yaml first, like `dvc exp run -S`;
     `until` stops after that stage (and its upstream); `force` reruns the named stages even if up to date.
     """
+    from flows.lifetime import wait_for_previous_stage
     from lmcore.config import apply_overrides, read_params, validate
     from lmcore.tracking import tracking_enabled
     from lmcore.workspace import dvc_write_lock, workspace_lock
@@ -440,6 +456,7 @@ def lifecycle(
     params_file = root / "params.yaml"
     lock_timeout = validate(read_params(params_file), str(params_file)).flow.lock_timeout_s
     with workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
+        wait_for_previous_stage(root, lock_timeout)
         with dvc_write_lock(root, params_file):  # never under a running `dvc repro`
             config = apply_overrides(list(overrides or []), params_file)
         order, upstream = stage_graph(root)

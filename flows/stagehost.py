@@ -10,7 +10,9 @@ which a stage needs to behave exactly like the process DVC would have started. T
 - forks one child per request. The child leads its own process group (it can be signalled as a whole, as with
   `start_new_session=True`; the host itself runs in a session of its own, without a terminal), takes the caller's
   pipe as stdout and stderr, its environment and working directory, runs the `lmcycle` command line and exits
-  with its status. The host reports the child's pid at once and its exit status when it ends;
+  with its status. The host reports the child's pid at once and its exit status when it ends. The child starts the
+  command only once the caller confirms it took the pid: a caller that gave up waiting (`StageHost.ready_s`) and
+  started the command itself has closed the connection, and the request still queued here is never run;
 - exits when its stdin closes (the flow process ended, however it ended), stopping any child still running.
 
 Client side: `StageHost.start()` in the flow process, `StageHost.spawn(argv, cwd, env)` → a `HostedProcess`
@@ -36,8 +38,12 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
+from flows.lifetime import set_parent_death_signal
+
 WARM_ENV = "LMCYCLE_WARM_STAGES"
 _HEADER = struct.Struct("!I")
+_GO = b"g"  # the caller's confirmation that a forked command may run
+READY_S = 30.0  # how long the flow waits for the host to answer before starting the command itself
 
 # What the stages import, cheapest first so that ingest and tokenizer are served before torch is loaded.
 PRELOAD = [
@@ -153,16 +159,32 @@ def _serve_request(conn: socket.socket, listener: socket.socket, children: dict[
         _reply(conn, {"error": "CUDA was initialised in the stage host; a forked child could not use it"})
         conn.close()
         return
+    host = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
+        set_parent_death_signal(signal.SIGTERM, host)  # should the host be killed outright, the stage goes too
         listener.close()
-        conn.close()
+        _await_go(conn, request)
         _run_child(request, fds[0])
     with contextlib.suppress(OSError):  # also here, so that the group exists before anyone is told the pid
         os.setpgid(pid, pid)
     os.close(fds[0])
     children[pid] = conn
     _reply(conn, {"pid": pid})
+
+
+def _await_go(conn: socket.socket, request: dict[str, Any]) -> None:
+    """In the child: run only once the caller, told the pid, confirms it still wants the command. A caller that
+    gave up waiting (this host was slow to answer) has closed the connection and started the command itself."""
+    try:
+        go = conn.recv(1)
+    except OSError:
+        go = b""
+    conn.close()
+    if go != _GO:
+        print(f"stagehost: the caller withdrew the request; not run: {' '.join(request['argv'])}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _cuda_initialized() -> bool:
@@ -299,8 +321,8 @@ class HostedProcess:
 class StageHost:
     """The flow's handle on a running host (see the module docstring)."""
 
-    def __init__(self, proc: subprocess.Popen, socket_path: Path, folder: Path):
-        self.proc, self.socket_path, self.folder = proc, socket_path, folder
+    def __init__(self, proc: subprocess.Popen, socket_path: Path, folder: Path, ready_s: float = READY_S):
+        self.proc, self.socket_path, self.folder, self.ready_s = proc, socket_path, folder, ready_s
 
     @classmethod
     def start(cls, cwd: Path, env: dict[str, str], log: Path | None = None) -> StageHost:
@@ -325,8 +347,13 @@ class StageHost:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def spawn(self, argv: list[str], cwd: str | Path, env: dict[str, str], ready_s: float = 30.0) -> HostedProcess:
-        """Fork `argv` (an `lmcycle …` command line) in the host; raises OSError when the host cannot."""
+    def spawn(
+        self, argv: list[str], cwd: str | Path, env: dict[str, str], ready_s: float | None = None
+    ) -> HostedProcess:
+        """Fork `argv` (an `lmcycle …` command line) in the host; raises OSError when the host cannot, or does not
+        answer within `ready_s` (default `self.ready_s`). The forked command runs only after this side confirms it
+        took the pid, so a request given up here is never run there too."""
+        ready_s = self.ready_s if ready_s is None else ready_s
         conn = self._connect(ready_s)
         read_fd, write_fd = os.pipe()
         try:
@@ -340,11 +367,18 @@ class StageHost:
             os.close(write_fd)
         stdout = os.fdopen(read_fd, "r", encoding="utf-8", errors="replace")
         replies = _Replies(conn)
-        message = replies.read(timeout=ready_s) or {"error": "the stage host closed the connection"}
+        message = replies.read(timeout=ready_s)
+        if message is None:
+            message = {"error": f"the stage host did not answer in {ready_s:g} s"}
+        elif "pid" in message:
+            try:
+                conn.sendall(_GO)
+            except OSError:
+                message = {"error": "the stage host closed the connection"}
         if "pid" not in message:
             stdout.close()
-            conn.close()
-            raise OSError(message.get("error", "the stage host did not start the command"))
+            conn.close()  # a request still queued in the host is withdrawn: its child exits without running
+            raise OSError(message.get("error") or "the stage host closed the connection")
         return HostedProcess(replies, int(message["pid"]), stdout)
 
     def _connect(self, ready_s: float) -> socket.socket:
@@ -359,7 +393,7 @@ class StageHost:
             except (FileNotFoundError, ConnectionRefusedError):
                 conn.close()
                 if time.monotonic() > deadline:
-                    raise OSError(f"the stage host did not answer within {ready_s:g} s") from None
+                    raise OSError(f"the stage host did not answer in {ready_s:g} s") from None
                 time.sleep(0.02)
 
     def close(self, timeout_s: float = 15.0) -> None:

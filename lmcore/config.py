@@ -249,6 +249,10 @@ class RegisterConfig(Section):
         return self
 
 
+PREFECT_CANCEL_KILL_S = 30.0  # prefect.runner / workers: SIGTERM, then SIGKILL after 30 s, on cancellation
+MAX_KILL_GRACE_S = PREFECT_CANCEL_KILL_S - 5.0
+
+
 class FlowConfig(Section):
     """How the Prefect flow drives the stages (none of these change what a stage computes)."""
 
@@ -258,6 +262,18 @@ class FlowConfig(Section):
     kill_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM, then SIGKILL after this many seconds")
     lock_timeout_s: float = Field(0.0, ge=0.0, description="how long a second run waits for the workspace lock")
     cron: str = Field("0 3 * * *", description="the schedule of `lmcycle serve` (prefect.yaml has its own)")
+
+    @field_validator("kill_grace_s")
+    @classmethod
+    def _within_prefect_cancellation(cls, value: float) -> float:
+        # Prefect kills a cancelled flow run's process 30 s after asking it to stop; the stage's grace must end
+        # before that (with time left for the flow to stop the stage), or a trainer never gets to save.
+        if value > MAX_KILL_GRACE_S:
+            raise ValueError(
+                f"must be ≤ {MAX_KILL_GRACE_S:g}, got {value:g}: Prefect kills a cancelled flow run "
+                f"{PREFECT_CANCEL_KILL_S:g} s after asking it to stop, so a longer grace could never take effect"
+            )
+        return value
 
 
 with warnings.catch_warnings():

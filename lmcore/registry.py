@@ -422,7 +422,7 @@ def _log_and_register(
     try:
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.transformers.log_model(
-                transformers_model=load_components(cand.model_dir, cand.task),
+                transformers_model=served_as(load_components(cand.model_dir, cand.task), name),
                 name="model",
                 task=cand.task,
                 pip_requirements=pip_requirements(),
@@ -500,6 +500,14 @@ def load_components(model_dir: Path, task: str) -> dict[str, Any]:
         current = model.generation_config.max_new_tokens
         model.generation_config.max_new_tokens = min(current, cap) if current else cap
     return {"model": model, "tokenizer": tokenizer}
+
+
+def served_as(components: dict[str, Any], name: str) -> dict[str, Any]:
+    """Name the model and tokenizer after the registered model: MLflow records their `name_or_path` (the local
+    directory they were loaded from) in the MLmodel file and answers it as `model` in every OpenAI-style reply."""
+    for part in components.values():
+        part.name_or_path = name
+    return components
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

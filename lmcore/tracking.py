@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -488,7 +489,10 @@ class SpoolForwarder:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.poll()
+        try:  # tracking is best effort here: a stage that succeeded is not failed by its bookkeeping
+            self.poll(final=True)
+        except Exception as err:
+            _warn(f"events of {self.spool} not all forwarded to MLflow: {type(err).__name__}: {err}")
         for state in self.files.values():
             if state.get("run_id") and not state.get("ended"):  # the process died without its end record
                 self._end(state, {"status": "KILLED", "error": "stage process ended without reporting"})
@@ -502,30 +506,50 @@ class SpoolForwarder:
             with contextlib.suppress(Exception):
                 self.poll()
 
-    def poll(self) -> None:
+    def poll(self, final: bool = False) -> None:
+        """Forward the complete lines written since the last poll. A line that is not an event is skipped with a
+        warning; an event MLflow refuses is retried at the next poll (skipped with a warning at the final one).
+        The offset only moves past a line once it is dealt with."""
         with self._lock:
             for path in sorted(self.spool.glob("*.jsonl")):
                 state = self.files.setdefault(path, {"offset": 0})
                 with path.open("rb") as f:
                     f.seek(state["offset"])
                     data = f.read()
-                complete = data[: data.rfind(b"\n") + 1]
-                state["offset"] += len(complete)
-                for line in complete.splitlines():
-                    if line.strip():
-                        self._apply(state, json.loads(line))
+                for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
+                    self._forward_line(path, state, line, final)
+                    state["offset"] += len(line)
+
+    def _forward_line(self, path: Path, state: dict[str, Any], line: bytes, final: bool) -> None:
+        if not line.strip():
+            return
+        try:
+            event = json.loads(line)
+            if not isinstance(event, dict) or "op" not in event:
+                raise ValueError("not an event")
+        except ValueError as err:
+            _warn(f"{path}: skipped a malformed line at byte {state['offset']} ({err})")
+            return
+        try:
+            self._apply(state, event)
+        except Exception as err:
+            if not final:
+                raise  # the offset stays at this line: the next poll retries it
+            _warn(f"{path}: event {event['op']!r} not forwarded: {type(err).__name__}: {err}")
 
     def _apply(self, state: dict[str, Any], event: dict[str, Any]) -> None:
         op = event["op"]
         if op == "start":
-            tags = event["tags"]
-            if self.parent_run_id:
-                tags = {**tags, "mlflow.parentRunId": self.parent_run_id}
-            run = self.client.create_run(self.experiment_id, run_name=event["stage"], tags=tags)
-            state.update(run_id=run.info.run_id, stage=event["stage"], root=event["root"])
-            state["rep"] = rep = MLflowReporter(self.client, run.info.run_id)
-            rep.log_params(event["params"])
-            state["monitor"] = _start_system_metrics(run.info.run_id, self.client.tracking_uri)
+            if not state.get("run_id"):  # else a retried start: its run exists already
+                tags = event["tags"]
+                if self.parent_run_id:
+                    tags = {**tags, "mlflow.parentRunId": self.parent_run_id}
+                run = self.client.create_run(self.experiment_id, run_name=event["stage"], tags=tags)
+                state.update(run_id=run.info.run_id, stage=event["stage"], root=event["root"])
+                state["rep"] = MLflowReporter(self.client, run.info.run_id)
+            state["rep"].log_params(event["params"])
+            if state.get("monitor") is None:
+                state["monitor"] = _start_system_metrics(state["run_id"], self.client.tracking_uri)
             return
         rep = state.get("rep")
         if rep is None:
@@ -548,8 +572,8 @@ class SpoolForwarder:
         from lmcore.paths import Paths
 
         rep: MLflowReporter = state["rep"]
-        if state.get("monitor") is not None:
-            state["monitor"].finish()
+        if (monitor := state.pop("monitor", None)) is not None:
+            monitor.finish()
         status = event.get("status", "FAILED")
         try:
             if status == "FINISHED":
@@ -562,6 +586,10 @@ class SpoolForwarder:
         finally:
             state["ended"] = True
             self.client.set_terminated(state["run_id"], status)
+
+
+def _warn(message: str) -> None:
+    print(f"lmcycle: warning: {message}", file=sys.stderr)
 
 
 def _log_metrics_at(rep: MLflowReporter, metrics: dict[str, float], step: int | None, ts: int) -> None:

@@ -12,10 +12,11 @@ before running it, which would wipe the very checkpoints a rerun after a crash n
     corrupt/              checkpoints that failed verification, kept for inspection, never resumed
 
 A checkpoint is written into a hidden temporary directory and renamed into place, meta.json last, so a crash
-mid-write leaves either the previous state or a complete checkpoint. Resuming verifies meta.json and every file's
-size and hash; a checkpoint that fails is moved aside with a warning and the previous one is tried, so training
-never starts from garbage. State dicts are always full (unsharded) and keyed by parameter name, so one format
-serves one device, DDP and FSDP alike.
+mid-write leaves either the previous state or a complete checkpoint. Replacing an existing step takes two renames
+(the old one aside to .old-step_X, the new one in); after a crash between them the resume puts the old one back.
+Resuming verifies meta.json and every file's size and hash; a checkpoint that fails is moved aside with a warning
+and the previous one is tried, so training never starts from garbage. State dicts are always full (unsharded) and
+keyed by parameter name, so one format serves one device, DDP and FSDP alike.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODEL_FILE, TRAINER_FILE, HISTORY_FILE, META_FILE = "model.safetensors", "trainer.pt", "history.json", "meta.json"
-STALE_DIR, CORRUPT_DIR, TMP_PREFIX = "stale", "corrupt", ".tmp-"
+STALE_DIR, CORRUPT_DIR, TMP_PREFIX, OLD_PREFIX = "stale", "corrupt", ".tmp-", ".old-"
 
 
 def step_dir_name(step: int) -> str:
@@ -165,7 +166,8 @@ def write_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True), encoding="utf-8")
         _fsync_dir(tmp)
         if final.exists():  # e.g. a stop signal at a step that was just checkpointed: replace it whole
-            old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            old = root / f"{OLD_PREFIX}{final.name}"  # a kill before the next rename: find_resumable puts it back
+            shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -246,6 +248,7 @@ def find_resumable(root: Path, fingerprint_: str) -> Found | None:
     """
     if not root.is_dir():
         return None
+    _restore_replaced(root)
     for leftover in root.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     for path in _checkpoints_in(root):
@@ -271,6 +274,18 @@ def find_resumable(root: Path, fingerprint_: str) -> Found | None:
             continue
         return Found(path, meta)
     return None
+
+
+def _restore_replaced(root: Path) -> None:
+    """A checkpoint set aside to be replaced goes back if the write was killed before its replacement moved in;
+    once the replacement is in place it is only garbage."""
+    for old in root.glob(f"{OLD_PREFIX}*"):
+        final = root / old.name.removeprefix(OLD_PREFIX)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            log.warning(f"warning: {final.name} was being replaced when its writer stopped; the previous one is kept")
+            os.rename(old, final)
 
 
 def _set_stale(root: Path, path: Path, other: str) -> None:
