@@ -11,10 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import copy_workspace
+from conftest import copy_workspace, needs_fork_host
 
 from flows.lifecycle import group_alive, stop_group
 from flows.stagehost import HostedProcess, StageHost, stage_env
+
+pytestmark = needs_fork_host
 
 
 @pytest.fixture
