@@ -19,6 +19,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+# What needs Linux (CI runs Linux, so these never skip there; on macOS `make test` skips them, saying why).
+needs_cpu_compile = pytest.mark.skipif(
+    sys.platform != "linux", reason="torch.compile on CPU: inductor's C++ backend is used on Linux with a C++ compiler"
+)
+needs_fork_host = pytest.mark.skipif(
+    sys.platform != "linux", reason="the warm stage host forks the flow's interpreter: on by default on Linux only"
+)
+
 OFFLINE_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -51,6 +59,7 @@ TINY_PARAMS = {
         "log_every": 5,
         "checkpoint_every": 10,
         "compile": False,  # tiny models: compiling costs far more than it saves (tests/test_train.py compiles)
+        "device": "cpu",  # the bit-identity checks are CPU facts: never `auto` onto a GPU or Apple's MPS
     },
     "finetune": {
         "steps": 10,
@@ -59,6 +68,7 @@ TINY_PARAMS = {
         "eval_every": 5,
         "checkpoint_every": 5,
         "max_length": 64,
+        "device": "cpu",
     },
     "evaluate": {"max_new_tokens": 8, "sft_max_examples": 8},
 }

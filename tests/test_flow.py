@@ -7,8 +7,10 @@ ephemeral one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import hf_scores
 import psutil
 import pytest
 import yaml
@@ -127,7 +130,7 @@ def test_a_terminated_flow_run_stops_the_running_stage_tree(tmp_path, kjv_slice,
 
 
 def test_a_failing_stage_fails_the_flow_after_its_retries_and_nothing_is_registered(
-    tmp_path, kjv_slice, chatter_slice, prefect_api
+    tmp_path, kjv_slice, chatter_slice, prefect_api, tiny_hf_dir
 ):
     root = tmp_path / "ws"
     root.mkdir()
@@ -145,6 +148,10 @@ def test_a_failing_stage_fails_the_flow_after_its_retries_and_nothing_is_registe
         flow={"retries": 1, "retry_delay_s": 0.0},
         project={"registered_model": name},
     )
+    # a registrable model and its gate metric are there: only the failure may keep the flow from registering it
+    shutil.copytree(tiny_hf_dir, root / "models" / "pretrain" / "hf")
+    (root / "reports").mkdir()
+    (root / "reports" / "pretrain.json").write_text(json.dumps({"val_bpb": 3.0}))
     proc = run_cli("run", "--workspace", str(root), cwd=tmp_path, api=prefect_api)  # from another directory
     assert proc.returncode == 1
     assert "error: stage broken exited with code 3" in proc.stderr, proc.stderr[-3000:]
@@ -163,6 +170,50 @@ def test_a_failing_stage_fails_the_flow_after_its_retries_and_nothing_is_registe
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = artifact(prefect_api, "lifecycle-summary")["data"]
     assert "| first | skipped |" in summary and "| broken | ran |" in summary
+    (version,) = MlflowClient().search_model_versions(f"name='{name}'")  # the run that succeeded registered
+    assert version.tags["lmcycle.gate.decision"] == "first"
+
+
+def test_overrides_no_register_force_and_the_eval_metrics_artifact(
+    tmp_path, kjv_slice, chatter_slice, prefect_api, tiny_hf_dir
+):
+    """The success paths the README promises: `-S` lands in params.yaml, dvc.lock and the MLflow parent run;
+    `--no-register` registers nothing although a model is there; `--force` reruns an up-to-date stage; the
+    eval-metrics table is published."""
+    from mlflow import MlflowClient
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    code = 'import yaml; open("a.txt", "w").write(str(yaml.safe_load(open("params.yaml"))["pretrain"]["steps"]))'
+    stages = {"a": {"cmd": script(root, "a.py", code), "params": ["pretrain.steps"], "outs": ["a.txt"]}}
+    name = "flow-options-model"
+    synthetic_workspace(root, kjv_slice, chatter_slice, stages, project={"registered_model": name})
+    shutil.copytree(tiny_hf_dir, root / "models" / "pretrain" / "hf")
+    (root / "reports").mkdir()
+    (root / "reports" / "evaluate.json").write_text(json.dumps({"pretrain.val_bpb": 3.25}))
+
+    proc = run_cli("run", "--no-register", "-S", "pretrain.steps=7", cwd=root, api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((root / "params.yaml").read_text())["pretrain"]["steps"] == 7
+    assert (root / "a.txt").read_text() == "7"
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["a"]["params"]["params.yaml"] == {
+        "pretrain.steps": 7
+    }
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(ids, f"tags.`lmcycle.kind` = 'flow' and tags.`lmcycle.workspace` = '{root}'")
+    assert parent.data.params["pretrain.steps"] == "7"
+    assert json.loads(parent.data.tags["lmcycle.overrides"]) == ["pretrain.steps=7"]
+    assert client.search_model_versions(f"name='{name}'") == []
+    table = artifact(prefect_api, "eval-metrics")["data"]
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {"metric": "pretrain.val_bpb", "value": 3.25} in rows
+
+    proc = run_cli("run", "--force", "a", cwd=root, api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| a | ran |" in artifact(prefect_api, "lifecycle-summary")["data"]  # up to date, rerun all the same
+    (version,) = client.search_model_versions(f"name='{name}'")  # registering is the default
+    assert version.tags["lmcycle.gate.value"] == "3.25"
 
 
 def test_two_runs_in_one_workspace_never_interleave(tmp_path, kjv_slice, chatter_slice, prefect_api):
@@ -245,12 +296,12 @@ def mlflow_runs(client, root: Path) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory, prefect_api, tmp_path):
+def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory, prefect_api, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from lmcore.config import load_config
     from lmcore.paths import Paths
-    from lmcore.registry import RESCORERS
+    from lmcore.registry import RESCORERS, local_model_dir
 
     name = "e2e-model"
     root = workspace_factory(project={"registered_model": name})
@@ -290,8 +341,10 @@ def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory,
     metric = version.tags["lmcycle.gate.metric"]
     reported = json.loads((paths.report("evaluate")).read_text())[metric]
     model_dir = root / version.tags["lmcycle.model_dir"]
-    rescored = RESCORERS[metric.split(".")[0]](metric, model_dir, paths, load_config(root / "params.yaml"))
+    config = load_config(root / "params.yaml")
+    rescored = RESCORERS[metric.split(".")[0]](metric, model_dir, paths, config)
     assert rescored == pytest.approx(reported, abs=1e-5)
+    assert hf_scores.gate_metric(metric, model_dir, root, config) == pytest.approx(reported, abs=1e-4)  # stock HF
 
     again = run_cli("run", cwd=root, api=prefect_api)
     assert again.returncode == 0, again.stderr[-5000:]
@@ -301,8 +354,24 @@ def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory,
     assert "reused: same dvc.lock" in summary
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
-    rebuild = run_cli(
-        "reproduce", f"models:/{name}/{version.version}", "--run", "--dir", str(tmp_path / "re"), cwd=root
-    )
+    uri = f"models:/{name}/{version.version}"
+    rebuild = run_cli("reproduce", uri, "--run", "--dir", str(tmp_path / "re"), cwd=root)
     assert rebuild.returncode == 0, rebuild.stderr[-5000:]
     assert "bit-identical: yes" in rebuild.stdout
+    monkeypatch.setenv("LMCYCLE_CACHE", str(tmp_path / "cache"))  # not the user's ~/.cache/lmcycle
+    registered = local_model_dir(uri, root) / "model.safetensors"
+    rebuilt = tmp_path / "re" / version.tags["lmcycle.model_dir"] / "model.safetensors"
+    assert sha256(rebuilt) == sha256(registered) == sha256(model_dir / "model.safetensors")
+
+    # a registered record the rebuild does not match: one error line, exit 1 (pretrain only, to keep it short)
+    wrong = "0" * 64
+    for key, value in {"weights_sha256": wrong, "stage": "pretrain", "model_dir": "models/pretrain/hf"}.items():
+        client.set_model_version_tag(name, version.version, f"lmcycle.{key}", value)
+    mismatch = run_cli("reproduce", uri, "--run", "--dir", str(tmp_path / "re2"), cwd=root)
+    assert mismatch.returncode == 1, mismatch.stderr[-5000:]
+    assert mismatch.stderr.strip().splitlines()[-1] == f"error: weights differ from {uri} (registered {wrong})"
+    assert "Traceback" not in mismatch.stderr and "bit-identical" not in mismatch.stdout
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

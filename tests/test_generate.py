@@ -13,10 +13,12 @@ from conftest import lmcycle, tiny_model
 from lmcore.generate import (
     IncrementalDecoder,
     SamplingConfig,
+    encode_prompt,
     generate,
     generate_text,
     load_model,
     next_token,
+    stop_tokens,
     stream_tokens,
 )
 
@@ -133,8 +135,11 @@ def test_generate_text_streams_what_it_returns(tiny_hf_dir: Path) -> None:
     cfg = SamplingConfig(max_new_tokens=12, seed=0, num_samples=2)
     texts = generate_text(model, tokenizer, "And God said", cfg, on_text=on_text)
     assert texts == [streamed[0], streamed[1]] and all(texts)
-    chat = generate_text(model, tokenizer, "Hello", greedy(12), chat=True)
-    assert len(chat) == 1
+    (chat,) = generate_text(model, tokenizer, "Hello", greedy(12), chat=True)
+    stop = stop_tokens(tokenizer, chat=True)
+    (ids,) = generate(model, [encode_prompt(tokenizer, "Hello", chat=True)], greedy(12, stop_token_ids=stop))
+    assert chat.strip() and 1 <= len(ids) <= 12  # an answer, within the token cap
+    assert tokenizer.decode(ids, skip_special_tokens=True) == chat
 
 
 def test_invalid_settings_are_refused() -> None:

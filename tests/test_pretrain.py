@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_workspace, lmcycle
+from conftest import copy_workspace, lmcycle, needs_cpu_compile
 from safetensors.torch import load_file
 
 # Tiny matmuls on a shared 2-core machine: one thread is many times faster than two contending ones.
@@ -144,6 +144,7 @@ def test_two_runs_give_identical_outputs_and_a_loadable_hf_model(data_workspace,
     assert "val_bpb" in card and meta["inputs"]["tokenizer"] in card
 
 
+@needs_cpu_compile
 def test_split_compiled_training_repeats_across_processes(data_workspace, tmp_path: Path) -> None:
     """What the CPU default gives demo-sized batches on 2 cores: the blocks compiled and each micro-batch run as 2
     parts on threads of their own (asked for explicitly: `auto` leaves this test's small batches whole). Two fresh

@@ -114,5 +114,5 @@ def test_serve_registers_its_cron_schedule_and_stops_on_sigint(workspace_factory
         assert found["parameters"] == {"workspace": str(root), "overrides": ["pretrain.steps=10"]}
     finally:
         serve.send_signal(signal.SIGINT)
-        serve.communicate(timeout=60)
-    assert serve.returncode is not None
+        out = serve.communicate(timeout=60)[0].decode()
+    assert serve.returncode == 0, out[-3000:]  # SIGINT is how serving is meant to stop: not a failure

@@ -4,22 +4,27 @@ nothing it forked outlives a timeout or the host itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import copy_workspace
+from conftest import copy_workspace, needs_fork_host
 
 from flows.lifecycle import group_alive, stop_group
 from flows.stagehost import HostedProcess, StageHost, stage_env
 
+pytestmark = needs_fork_host
+
 
 @pytest.fixture
 def host(tmp_path: Path):
-    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off"}
+    # tracking on and the session's MLFLOW_TRACKING_URI: a child must take the caller's settings, not these
+    env = {k: v for k, v in {**os.environ, **stage_env()}.items() if k != "LMCYCLE_TRACKING"}
     elsewhere = tmp_path / "host-cwd"
     elsewhere.mkdir()
     started = StageHost.start(elsewhere, env)  # not the workspace: a child must take the caller's directory
@@ -42,22 +47,47 @@ def read_until(proc: HostedProcess, marker: str, timeout_s: float = 120.0) -> st
     return seen
 
 
+SHORT_PRETRAIN = {"steps": 20, "eval_every": 10, "checkpoint_every": 10}
+LONG_PRETRAIN = {"steps": 100_000, "eval_every": 100_000, "checkpoint_every": 100_000}
+
+
+def outputs(ws: Path) -> dict[str, bytes]:
+    """The stages' reports (json, csv) and the exported weights, by path."""
+    files = [p for p in (ws / "reports").rglob("*") if p.suffix in {".json", ".csv"}]
+    files += [ws / "models/pretrain/hf/model.safetensors", ws / "models/finetune/hf/model.safetensors"]
+    return {p.relative_to(ws).as_posix(): p.read_bytes() for p in files}
+
+
+def runs_of(tracking_uri: str, ws: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, f"tags.`lmcycle.workspace` = '{ws}'") if ids else []
+    return sorted(r.info.run_name for r in found)
+
+
 def test_a_hosted_stage_matches_a_fresh_process_bit_for_bit(tmp_path, pretrained_workspace, host):
-    hosted = copy_workspace(pretrained_workspace, tmp_path / "hosted")
-    fresh = copy_workspace(pretrained_workspace, tmp_path / "fresh")
-    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off", "LMCYCLE_PROBE": "from-the-caller"}
+    hosted = copy_workspace(pretrained_workspace, tmp_path / "hosted", pretrain=SHORT_PRETRAIN)
+    fresh = copy_workspace(pretrained_workspace, tmp_path / "fresh", pretrain=SHORT_PRETRAIN)
+    caller_uri = f"sqlite:///{tmp_path / 'caller-mlflow.db'}"  # not the host's: the caller's environment wins
+    env = {**os.environ, **stage_env(), "MLFLOW_TRACKING_URI": caller_uri}
+    env.pop("LMCYCLE_TRACKING", None)
 
-    proc = host.spawn(["lmcycle", "stage", "finetune"], hosted, env)
-    out = proc.stdout.read()
-    assert proc.wait(timeout=60) == 0, out
-    assert "stage finetune" in out  # its output came through the caller's pipe
-    assert not (hosted / "mlflow.db").exists()  # LMCYCLE_TRACKING=off reached it: the caller's environment
+    for stage in ("pretrain", "finetune"):
+        proc = host.spawn(["lmcycle", "stage", stage], hosted, env)
+        out = proc.stdout.read()
+        assert proc.wait(timeout=300) == 0, out
+        assert f"stage {stage}" in out  # its output came through the caller's pipe
+        ran = subprocess.run(["lmcycle", "stage", stage], cwd=fresh, env=env, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr[-3000:]
     assert not (tmp_path / "host-cwd" / "models").exists()  # it ran in the caller's directory
+    assert runs_of(caller_uri, hosted) == ["finetune", "pretrain"]  # logged where the caller said
+    assert runs_of(os.environ["MLFLOW_TRACKING_URI"], hosted) == []  # not where the host was started
 
-    ran = subprocess.run(["lmcycle", "stage", "finetune"], cwd=fresh, env=env, capture_output=True, text=True)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    weights = "models/finetune/hf/model.safetensors"
-    assert (hosted / weights).read_bytes() == (fresh / weights).read_bytes()
+    hosted_out, fresh_out = outputs(hosted), outputs(fresh)
+    assert {"reports/pretrain.json", "reports/pretrain/train.csv", "reports/finetune.json"} <= set(hosted_out)
+    assert hosted_out == fresh_out
 
     bad = host.spawn(["lmcycle", "stage", "nope"], hosted, env)
     assert "unknown stage 'nope'" in bad.stdout.read()
@@ -96,16 +126,38 @@ def test_the_host_is_on_by_default_only_where_fork_is_safe_and_the_variable_deci
 
 
 @pytest.mark.parametrize("host_state", ["live", "closed"])
-def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_processes(tmp_path, host, host_state):
+def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_processes(
+    tmp_path, pretrained_workspace, host, host_state
+):
     from dvc.stage.exceptions import StageCmdFailedError
 
     from flows.lifecycle import _CommandRunner
 
     if host_state == "closed":
         host.close()
+    ws = copy_workspace(pretrained_workspace, tmp_path / "ws", pretrain=LONG_PRETRAIN)
+    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off"}
+    parents: list[int] = []
+
+    def on_line(line: str) -> None:
+        if "tok/s" not in line or parents:
+            return
+        # training, so the stage is alive: who started it? (the host's forks and fresh processes alike are
+        # descendants of this process, which started the host)
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if proc.cwd() == str(ws) and proc.ppid() in {host.proc.pid, os.getpid()}:
+                    parents.append(proc.ppid())
+                    os.killpg(os.getpgid(proc.pid), signal.SIGTERM)  # done: stop it as a timeout would
+
+    runner = _CommandRunner(time.monotonic() + 600, 30.0, on_line, host)
+    with pytest.raises(StageCmdFailedError):
+        runner("/bin/sh", "lmcycle stage pretrain", cwd=str(ws), env=env)
+    assert parents == [host.proc.pid if host_state == "live" else os.getpid()]
+    assert runner.exit_code != 0
+
     lines: list[str] = []
     runner = _CommandRunner(time.monotonic() + 60, 5.0, lines.append, host)
-    env = {**os.environ, **stage_env(), "LMCYCLE_TRACKING": "off"}
     with pytest.raises(StageCmdFailedError, match="exited with 2"):
         runner("/bin/sh", "lmcycle stage nope", cwd=str(tmp_path), env=env)
     assert any("unknown stage 'nope'" in line for line in lines)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_cpu_compile
 
 from lmcore.config import TrainConfig
 from lmcore.data.shards import TokenShards
@@ -232,6 +233,7 @@ def test_two_runs_are_bit_identical_and_dropout_changes_them(shards) -> None:
     assert weights_digest(a.state_dict()) != weights_digest(c.state_dict())
 
 
+@needs_cpu_compile
 def test_compiled_training_tracks_eager_and_resumes_bit_identically(shards, tmp_path: Path) -> None:
     from torch._dynamo.utils import counters
 
@@ -252,6 +254,7 @@ def test_compiled_training_tracks_eager_and_resumes_bit_identically(shards, tmp_
     assert result.history == expected.history
 
 
+@needs_cpu_compile
 def test_compiled_training_is_bit_identical_on_two_threads(shards) -> None:
     torch.set_num_threads(2)  # where a kernel adding in parallel (atomics) would show
     a, _ = run_loop(shards, None, steps=4, batch_size=16, compile=True)
@@ -259,6 +262,7 @@ def test_compiled_training_is_bit_identical_on_two_threads(shards) -> None:
     assert weights_digest(a.state_dict()) == weights_digest(b.state_dict())
 
 
+@needs_cpu_compile
 def test_compile_true_without_a_cpp_compiler_names_the_key() -> None:
     import torch._inductor.config
 
@@ -342,6 +346,7 @@ def test_split_choice_auto_and_explicit() -> None:
         split_choice(4, **(where | dict(section="finetune")))
 
 
+@needs_cpu_compile
 def test_split_training_is_bit_identical_and_resumes_exactly(shards, tmp_path: Path, capfd) -> None:
     torch.set_num_threads(2)
     split = dict(dropout=0.0, batch_size=4, compile=True, batch_split=2)  # explicit: auto leaves tiny batches whole
