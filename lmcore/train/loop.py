@@ -34,6 +34,7 @@ from lmcore.train import checkpoint as ckpt
 from lmcore.train.compile import compile_choice, compile_model, eager
 from lmcore.train.distributed import (
     DistEnv,
+    all_reduce_sum,
     broadcast_object,
     gather_objects,
     is_sharded,
@@ -42,7 +43,7 @@ from lmcore.train.distributed import (
 )
 from lmcore.train.optim import build_optimizer, lr_at, set_lr
 from lmcore.train.runtime import autocast, peak_flops, pick_dtype, rng_state, seed_everything, set_rng_state
-from lmcore.train.split import SplitBackward, split_choice
+from lmcore.train.split import SplitBackward, loss_terms, split_choice
 
 if TYPE_CHECKING:
     import torch
@@ -253,17 +254,18 @@ def train(
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
-            step_tokens = 0
-            for micro in range(cfg.grad_accum):
-                batch = batch_fn(step * cfg.grad_accum + micro)
+            batches = [batch_fn(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+            weights, step_tokens = _micro_weights(env, batches)
+            for micro, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
                 if split is not None:
-                    loss_sum += split(wrapped, batch, loss_fn, 1 / cfg.grad_accum)
+                    loss_sum += split(wrapped, batch, loss_fn, weight)
                 else:
                     with no_sync(wrapped, micro == cfg.grad_accum - 1), autocast(device_type, dtype):
-                        loss = loss_fn(wrapped, batch) / cfg.grad_accum
+                        loss = loss_fn(wrapped, batch)
+                        # the same division as ever when micro-batches weigh alike, so such runs stay bit-identical
+                        loss = loss / cfg.grad_accum if weight == 1 / cfg.grad_accum else loss * weight
                     loss.backward()
                     loss_sum += loss.detach().float()
-                step_tokens += _count_tokens(batch) * env.world_size
             grad_norm = _clip(model, cfg.grad_clip)
             loss_value, grad_value, stop_votes = _sync_scalars(env, loss_sum, grad_norm, stop.received is not None)
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
@@ -348,6 +350,20 @@ def _splitter(parts: int, autocast_fn, compiled: bool):
         yield split
     finally:
         split.close()
+
+
+def _micro_weights(env: DistEnv, batches: list[Batch]) -> tuple[list[float], int]:
+    """Each micro-batch's weight, so that the step's gradient is that of the mean loss over every loss term of the
+    step on every rank (a target token that counts; a row for classification), as one process on the whole global
+    batch computes it; and the tokens the step saw on all ranks. A micro-batch's loss is its own mean, and DDP
+    averages the ranks' gradients, so each is scaled by world_size × its terms / the step's terms. Where every
+    micro-batch has as many terms (pretraining) the weight is exactly 1 / grad_accum, as before."""
+    terms = [loss_terms(batch) for batch in batches]
+    tokens = sum(_count_tokens(batch) for batch in batches)
+    total_terms, total_tokens = (int(v) for v in all_reduce_sum(env, [float(sum(terms)), float(tokens)]))
+    if total_terms == 0:  # nothing to learn from in the whole step: the old equal weighting (a zero loss)
+        return [1 / len(batches)] * len(batches), total_tokens
+    return [env.world_size * n / total_terms for n in terms], total_tokens
 
 
 def _count_tokens(batch: Batch) -> int:
