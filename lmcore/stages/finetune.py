@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import Config, atomic_write_text
+from lmcore.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.errors import CheckpointError, ConfigError, DataError
 from lmcore.paths import Paths
 from lmcore.reporting import reporter
@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 STAGE = "finetune"
 ROUND = 6
 # Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
-BOOKKEEPING_KEYS = frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"})
+# The launcher's keys are among them: a checkpoint resumes on another process count (lmcore/train/loop.py says when).
+BOOKKEEPING_KEYS = (
+    frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"}) | LAUNCH_KEYS
+)
 
 
 @dataclass
@@ -129,7 +132,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         seed=seed,
         loss_fn=task.loss_fn,
         evaluate_fn=task.evaluate_fn,
-        checkpoint_dir=paths.checkpoints(STAGE),
+        checkpoint_dir=paths.checkpoints(STAGE, config.project.name),
         fingerprint=fp,
         meta={"stage": STAGE, "task": cfg.task, "model_config": mcfg.to_dict(), "params": params, "inputs": inputs},
         name=STAGE,
@@ -392,7 +395,11 @@ def write_models(
             f"{paths.split_file(cfg.task, split).relative_to(paths.root)} (sha256 {inputs[f'data_{split}']})"
             for split in ("train", "val")
         ],
-        "params": {k: v for k, v in cfg.model_dump().items() if v is not None and not isinstance(v, dict)}
+        "params": {
+            k: v
+            for k, v in cfg.model_dump().items()
+            if v is not None and not isinstance(v, dict) and k not in LAUNCH_KEYS
+        }
         | {"project.seed": config.project.seed},
         "metrics": {k: v for k, v in report.items() if k.startswith(("val_", "train_"))},
         "tags": ["finetune", cfg.task],

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import Config, atomic_write_text
+from lmcore.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.errors import CheckpointError, ConfigError, DataError
 from lmcore.paths import Paths
 from lmcore.reporting import reporter
@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 STAGE = "pretrain"
 SIGNIFICANT = 7  # significant digits of every float in reports: byte-identical reruns, no float noise
 # Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
-BOOKKEEPING_KEYS = frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"})
+# The launcher's keys are among them: a checkpoint resumes on another process count (lmcore/train/loop.py says when).
+BOOKKEEPING_KEYS = (
+    frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"}) | LAUNCH_KEYS
+)
 
 
 def run(config: Config, paths: Paths) -> dict:
@@ -112,7 +115,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         env=env,
         seed=seed,
         evaluate_fn=evaluate_fn,
-        checkpoint_dir=paths.checkpoints(STAGE),
+        checkpoint_dir=paths.checkpoints(STAGE, config.project.name),
         fingerprint=fp,
         meta={"stage": STAGE, "model_config": mcfg.to_dict(), "params": params, "inputs": inputs},
         flops_per_token=mcfg.flops_per_token(context),
@@ -331,7 +334,7 @@ def _write_models(paths: Paths, config: Config, mcfg: ModelConfig, result, repor
             f"val {inputs['val_index']})",
             f"tokenizer: {paths.tokenizer.relative_to(paths.root)} (fingerprint {inputs['tokenizer']})",
         ],
-        "params": {k: v for k, v in config.pretrain.model_dump().items() if v is not None}
+        "params": {k: v for k, v in config.pretrain.model_dump().items() if v is not None and k not in LAUNCH_KEYS}
         | {"project.seed": config.project.seed},
         "metrics": {k: v for k, v in report.items() if k.startswith(("val_", "train_"))},
         "tags": ["pretrain"],
