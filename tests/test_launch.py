@@ -150,7 +150,7 @@ def test_two_processes_under_lmcycle_run_train_as_one(data_workspace, prefect_ap
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, "tags.`lmcycle.stage` = 'pretrain'")
     assert len(runs) == 1 and runs[0].data.params["pretrain.nproc_per_node"] == "2"
-    assert "loss" in runs[0].data.metrics
+    assert len(client.get_metric_history(runs[0].info.run_id, "pretrain.train_loss")) == 4  # steps 5, 10, 15, 20
 
     # without dropout the same batches follow on another process count: one process resumes the checkpoint
     one = lmcycle("stage", "pretrain", cwd=set_params(ws, pretrain={"nproc_per_node": 1}))
@@ -216,7 +216,7 @@ def test_killed_launcher_or_rank_leaves_nothing_running_and_the_rerun_resumes(da
 
 RESUMABLE = {
     "model": {"dropout": 0.1},  # resuming must restore the RNG too
-    "pretrain": {**FAST, "steps": 160, "checkpoint_every": 40, "eval_every": 80, "eval_max_batches": 4},
+    "pretrain": {**FAST, "steps": 80, "checkpoint_every": 20, "eval_every": 40, "eval_max_batches": 4},
 }
 FINAL = "models/pretrain/hf/model.safetensors"
 REPORTS = ["reports/pretrain.json", "reports/pretrain/train.csv", "reports/pretrain/val.csv"]
@@ -238,13 +238,13 @@ def test_a_run_stopped_in_one_workspace_resumes_in_another(data_workspace, tmp_p
     a = copy_workspace(data_workspace, tmp_path / "a", **RESUMABLE)
     proc = start(a, "lmcycle", "stage", "pretrain", **env)
     try:
-        wait_for(ckpts / "step_0000040", proc)
+        wait_for(ckpts / "step_0000020", proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         stop(proc)
-    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)/160", err).group(1))
-    assert 40 <= stopped < 160 and not (a / "checkpoints").exists()
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)/80", err).group(1))
+    assert 20 <= stopped < 80 and not (a / "checkpoints").exists()
 
     # someone else's run on the same volume (another seed) does not resume it, and sets it aside
     other = copy_workspace(

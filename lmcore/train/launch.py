@@ -9,8 +9,9 @@ Design choices:
   PET_RDZV_ENDPOINT, PET_RDZV_ID; MASTER_ADDR:MASTER_PORT as the endpoint) win over the stage's params, because a
   scheduler that sets them knows the machines; params.yaml holds the default for a plain `dvc repro`. None of them
   change what is computed, so the checkpoint fingerprint leaves them out (lmcore.config.LAUNCH_KEYS).
-- One machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks (torchrun --standalone). Several: c10d at
-  `rdzv_endpoint`, all machines sharing `rdzv_id`. No restarts: a failed stage fails, and a rerun (the flow's
+- One machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks (torchrun --standalone). Several: at
+  `rdzv_endpoint`, all machines sharing `rdzv_id`; with PET_NODE_RANK set (torchrun's --node-rank) the static
+  rendezvous puts global rank 0 on node 0, else c10d ranks machines in arrival order. No restarts: a failed stage fails, and a rerun (the flow's
   retry) resumes from the last checkpoint.
 - Faults: one failing or killed rank stops the group (the agent terminates the others), and the stage fails with
   one line naming the rank and its last line of output (every rank's output goes to a file; rank 0's is also
@@ -56,6 +57,7 @@ ENV_VARS = {
     "rdzv_endpoint": "PET_RDZV_ENDPOINT",
     "rdzv_id": "PET_RDZV_ID",
 }
+NODE_RANK_ENV = "PET_NODE_RANK"
 PR_SET_PDEATHSIG = 1
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
@@ -73,6 +75,7 @@ class LaunchPlan:
     nnodes: int = 1
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
+    node_rank: int | None = None  # PET_NODE_RANK: this machine's place, so that node 0 holds global rank 0
 
     @property
     def world_size(self) -> int:
@@ -101,6 +104,7 @@ def plan(stage: str, cfg: Any) -> LaunchPlan:
         nnodes=_whole(stage, "nnodes", values["nnodes"]),
         rdzv_endpoint=values["rdzv_endpoint"] or None,
         rdzv_id=values["rdzv_id"] or None,
+        node_rank=_node_rank(),
     )
     if result.nnodes > 1:
         for key in ("rdzv_endpoint", "rdzv_id"):
@@ -121,6 +125,15 @@ def _whole(stage: str, key: str, value: Any, allow_auto: bool = False) -> int | 
         source = ENV_VARS[key] if os.environ.get(ENV_VARS[key], "").strip() else f"{stage}.{key}"
         allowed = "auto or a whole number ≥ 1" if allow_auto else "a whole number ≥ 1"
         raise ConfigError(f"{source}: must be {allowed}, got {value!r}")
+    return int(text)
+
+
+def _node_rank() -> int | None:
+    text = os.environ.get(NODE_RANK_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ConfigError(f"{NODE_RANK_ENV}: must be a whole number ≥ 0, got {text!r}")
     return int(text)
 
 
@@ -162,15 +175,17 @@ def _launch_config(layout: LaunchPlan, log_dir: Path) -> Any:
     from torch.distributed.launcher.api import LaunchConfig
 
     single = layout.nnodes == 1
+    # static (as torchrun --node-rank): machine k's ranks follow machine k-1's, rank 0 on node 0; c10d: any order
+    static = not single and layout.node_rank is not None
     return LaunchConfig(
         min_nodes=layout.nnodes,
         max_nodes=layout.nnodes,
         nproc_per_node=layout.nproc_per_node,
         run_id=layout.rdzv_id or f"{layout.stage}-{uuid.uuid4().hex[:12]}",
         role=layout.stage,
-        rdzv_backend="c10d",
+        rdzv_backend="static" if static else "c10d",
         rdzv_endpoint="127.0.0.1:0" if single else str(layout.rdzv_endpoint),  # port 0: the OS picks a free one
-        rdzv_configs={"rank": 0} if single else {},
+        rdzv_configs={"rank": layout.node_rank} if static else {},
         local_addr="127.0.0.1" if single else None,
         max_restarts=0,
         monitor_interval=0.1,
