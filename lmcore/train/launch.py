@@ -11,12 +11,13 @@ Design choices:
   change what is computed, so the checkpoint fingerprint leaves them out (lmcore.config.LAUNCH_KEYS).
 - One machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks (torchrun --standalone). Several: at
   `rdzv_endpoint`, all machines sharing `rdzv_id`; with PET_NODE_RANK set (torchrun's --node-rank) the static
-  rendezvous puts global rank 0 on node 0, else c10d ranks machines in arrival order. No restarts: a failed stage fails, and a rerun (the flow's
-  retry) resumes from the last checkpoint.
+  rendezvous puts global rank 0 on node 0, else c10d ranks machines in arrival order. No restarts: a failed stage
+  fails, and a rerun (the flow's retry) resumes from the last checkpoint.
 - Faults: one failing or killed rank stops the group (the agent terminates the others), and the stage fails with
-  one line naming the rank and its last line of output (every rank's output goes to a file; rank 0's is also
-  copied to the console). The agent starts workers in sessions of their own, so each worker asks the kernel to
-  kill it when the agent dies (`guard_worker`, PR_SET_PDEATHSIG): a SIGKILL of the stage leaves no worker behind.
+  one line naming the rank and its last line of output (every rank's output goes to a file; local rank 0's is
+  also copied to the console, tracebacks shortened to their last line). The agent starts workers in sessions of
+  their own, so each worker asks the kernel to kill it when the agent dies (`guard_worker`, PR_SET_PDEATHSIG): a
+  SIGKILL of the stage leaves no worker behind.
 - A checkpoint written by N processes resumes on M ≠ N (`check_process_count`): the global batch of a step is
   drawn from (seed, step) alone and rank r reads its r-th share of it, so the batches continue unchanged; only
   float summation order differs. With dropout each rank draws its own random numbers, which cannot be carried over
