@@ -168,7 +168,8 @@ def test_killed_launcher_or_rank_leaves_nothing_running_and_the_rerun_resumes(da
     ws = copy_workspace(data_workspace, tmp_path / "ws", model={"dropout": 0.1}, pretrain={**LONG, "nproc_per_node": 2})
     ckpts = ws / "checkpoints/pretrain"
 
-    # SIGKILL of the launcher alone: its workers (in sessions of their own) die with it
+    # SIGKILL of the launcher alone: its workers (in sessions of their own) die with it, long before they would end
+    set_params(ws, pretrain={"steps": 100_000})
     proc = start(ws, "lmcycle", "stage", "pretrain")
     try:
         wait_for(ckpts / "step_0000020", proc)
@@ -176,9 +177,10 @@ def test_killed_launcher_or_rank_leaves_nothing_running_and_the_rerun_resumes(da
         assert sorted(ranks) == [0, 1]
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        assert_all_gone(list(ranks.values()))
+        assert_all_gone(list(ranks.values()), timeout=10)
     finally:
         stop(proc)
+    set_params(ws, pretrain={"steps": LONG["steps"]})  # the run below: another fingerprint, a fresh start
 
     # SIGKILL of rank 1: the group stops, one line names the rank, nothing is left
     proc = start(ws, "lmcycle", "stage", "pretrain")
