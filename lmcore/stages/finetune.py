@@ -5,8 +5,9 @@ brings), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune
 models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
 
 One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
-checkpoints/finetune/ (outside DVC's outputs, so `dvc repro` after a crash resumes), exact resume, SIGTERM saves,
-a non-finite loss stops, DDP under `torchrun --nproc_per_node=N -m flows.cli stage finetune`. The task only
+checkpoints/finetune/ or $LMCYCLE_CHECKPOINT_DIR (outside DVC's outputs, so `dvc repro` after a crash resumes),
+exact resume, SIGTERM saves, a non-finite loss stops, DDP on `finetune.nproc_per_node` processes (the stage
+starts them, lmcore/train/launch.py) or under `torchrun -m flows.cli stage finetune`. The task only
 changes what a batch is and what the loss is: SFT trains on assistant tokens of chat-template renderings;
 classification trains a `score` head (and the decoder) on the last token. With `finetune.lora.r > 0` peft adapters
 train instead of the full weights and are merged back before export, so the exported model is a plain one.
@@ -113,6 +114,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         )
         rep = reporter()
         rep.log_params({f"finetune.{k}": v for k, v in cfg.model_dump().items()} | {"project.seed": seed})
+        rep.log_params({"world_size": env.world_size})  # the processes that trained (PET_* variables may set it)
         for split in ("train", "val"):
             path = paths.split_file(cfg.task, split)
             rep.log_input(f"{cfg.task}-{split}", inputs[f"data_{split}"], str(path), context=split)
