@@ -115,6 +115,35 @@ def test_override_with_a_bad_process_count_changes_nothing(workspace_factory) ->
     assert (ws / "params.yaml").read_bytes() == before
 
 
+def test_torchrun_variables_win_over_the_params(monkeypatch) -> None:
+    from lmcore.config import PretrainConfig
+    from lmcore.errors import ConfigError
+    from lmcore.train.launch import plan
+
+    cfg = PretrainConfig(batch_size=8, nproc_per_node=2, nnodes=1)
+    for name in ("WORLD_SIZE", "PET_NPROC_PER_NODE", "PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_ID", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert plan("pretrain", cfg).world_size == 2 and plan("pretrain", cfg).needs_launch
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "4")
+    monkeypatch.setenv("PET_NNODES", "2")
+    monkeypatch.setenv("PET_RDZV_ID", "run-7")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    layout = plan("pretrain", cfg)
+    assert (layout.nproc_per_node, layout.nnodes, layout.rdzv_endpoint, layout.rdzv_id) == (
+        4,
+        2,
+        "node0:29400",
+        "run-7",
+    )
+    monkeypatch.setenv("PET_NODE_RANK", "first")
+    with pytest.raises(ConfigError, match="PET_NODE_RANK: must be a whole number ≥ 0, got 'first'"):
+        plan("pretrain", cfg)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # one of torchrun's workers: it starts nothing
+    monkeypatch.setenv("PET_NODE_RANK", "1")
+    assert not plan("pretrain", cfg).needs_launch
+
+
 # --- two processes under the flow ------------------------------------------------------------------------------
 
 
