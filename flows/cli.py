@@ -76,8 +76,9 @@ def run_stage(name: str, params: Path = Path("params.yaml"), workspace: Path = P
 
 
 def launch_plan(name: str, params: Path):
-    """The process layout of a training stage (lmcore.train.launch.plan), None for the other stages."""
-    if name not in TRAINING_STAGES:
+    """The process layout of a training stage (lmcore.train.launch.plan); None for the other stages, and in a worker
+    of torchrun (WORLD_SIZE set), which never starts processes of its own."""
+    if name not in TRAINING_STAGES or "WORLD_SIZE" in os.environ:
         return None
     from lmcore.config import load_config
     from lmcore.train.launch import plan
