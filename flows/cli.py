@@ -17,6 +17,8 @@ import typer
 from lmcore.errors import LmcycleError
 from lmcore.stages import STAGES
 
+TRAINING_STAGES = ("pretrain", "finetune")  # the stages that may run as several processes
+
 app = typer.Typer(
     name="lmcycle",
     help="Run the life of a language model: ingest → tokenizer → tokenize → pretrain → finetune → evaluate → register.",
@@ -73,6 +75,17 @@ def run_stage(name: str, params: Path = Path("params.yaml"), workspace: Path = P
         return module.run(config, paths)
 
 
+def launch_plan(name: str, params: Path):
+    """The process layout of a training stage (lmcore.train.launch.plan); None for the other stages, and in a worker
+    of torchrun (WORLD_SIZE set), which never starts processes of its own."""
+    if name not in TRAINING_STAGES or "WORLD_SIZE" in os.environ:
+        return None
+    from lmcore.config import load_config
+    from lmcore.train.launch import plan
+
+    return plan(name, getattr(load_config(params), name))
+
+
 @app.callback()
 def main() -> None:
     _telemetry_off()
@@ -84,9 +97,19 @@ def stage(
     params: Annotated[Path, typer.Option(help="params file")] = Path("params.yaml"),
 ) -> None:
     """Run one stage in the current workspace (what `dvc repro` calls)."""
+    from lmcore.train.launch import guard_worker
+
     if name not in STAGES:
         raise fail(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}", 2)
+    guard_worker()  # a worker started by the branch below dies with its launcher
     try:
+        layout = launch_plan(name, params)
+        if layout is not None and layout.needs_launch:
+            from lmcore.train.launch import launch
+
+            # this process becomes the agent; each worker runs this same command under torchrun's environment
+            launch([sys.executable, "-m", "flows.cli", "stage", name, "--params", str(params)], layout)
+            return
         summary = run_stage(name, params)
     except LmcycleError as err:
         raise fail(str(err)) from None

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmcore.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# pretrain/finetune keys that say how many processes run, not what they compute (see lmcore/train/launch.py)
+LAUNCH_KEYS = frozenset({"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"})
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
@@ -158,6 +160,12 @@ class TrainConfig(Section):
         description="CPU: run each micro-batch as this many parts at once, on threads sharing out the cores "
         "(lmcore/train/split.py); auto = 2 where it applies and pays, 1 = never",
     )
+    # The launcher (lmcore/train/launch.py): how many processes train, never what they compute, so these keys are
+    # left out of the checkpoint fingerprint (LAUNCH_KEYS). PET_* environment variables win over them.
+    nproc_per_node: int | Literal["auto"] = Field(1, description="processes on this machine; auto = one per GPU")
+    nnodes: int = Field(1, ge=1, description="machines taking part; > 1 needs rdzv_endpoint and rdzv_id")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (several machines)")
+    rdzv_id: str | None = Field(None, description="one id shared by the machines of one run")
 
     # Unions read badly in pydantic's own messages ("compile.bool: …"): say what is allowed instead.
     @field_validator("compile", mode="before")
@@ -166,6 +174,23 @@ class TrainConfig(Section):
         if isinstance(value, bool) or value == "auto":
             return value
         raise ValueError(f"must be true, false or auto, got {value!r}")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _nproc_setting(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or a whole number ≥ 1, got {value!r}")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint_setting(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port, got {value!r}")
+        return value
 
     @field_validator("batch_split", mode="before")
     @classmethod

@@ -6,8 +6,13 @@ DVC-tracked and git-ignored; reports/ holds small metrics and plots committed to
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmcore.errors import ConfigError
+
+CHECKPOINT_DIR_ENV = "LMCYCLE_CHECKPOINT_DIR"
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,19 @@ class Paths:
     def finetune(self) -> Path:
         return self.root / "models" / "finetune"
 
-    def checkpoints(self, stage: str) -> Path:
-        """Resumable checkpoints live outside DVC outputs, so `dvc repro` never deletes them before a resume."""
+    def checkpoints(self, stage: str, project: str) -> Path:
+        """Resumable checkpoints live outside DVC outputs, so `dvc repro` never deletes them before a resume.
+
+        With LMCYCLE_CHECKPOINT_DIR set they live in `$LMCYCLE_CHECKPOINT_DIR/<project.name>/<stage>` instead: a
+        volume several worker hosts share, so a run resumed elsewhere finds them. An environment variable, not a
+        param, because where checkpoints live must not change what DVC records or the checkpoint fingerprint
+        (which still keeps another run's checkpoints from being resumed).
+        """
+        shared = os.environ.get(CHECKPOINT_DIR_ENV, "").strip()
+        if shared:
+            if project in {"", ".", ".."} or "/" in project or "\\" in project:
+                raise ConfigError(f"project.name: {project!r} cannot name a folder under {CHECKPOINT_DIR_ENV}")
+            return Path(shared).expanduser().resolve() / project / stage
         return self.root / "checkpoints" / stage
 
     @property

@@ -267,6 +267,21 @@ def copy_workspace(source: Path, dest: Path, **sections: dict) -> Path:
     return dest
 
 
+def assert_same_training(single: Path, parallel: Path, stage: str = "pretrain", tolerance: float = 1e-4) -> None:
+    """A data-parallel run saw the same global batches as one process: the same tokens, and the same training up to
+    float summation order (train and val losses within `tolerance` at every logged step)."""
+    import csv
+
+    a, b = (json.loads((ws / f"reports/{stage}.json").read_text()) for ws in (single, parallel))
+    assert a["tokens_seen"] == b["tokens_seen"]
+    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=tolerance)
+    for name in ("train.csv", "val.csv"):
+        rows = [list(csv.DictReader((ws / f"reports/{stage}/{name}").open())) for ws in (single, parallel)]
+        assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] and rows[0]
+        for x, y in zip(*rows, strict=True):
+            assert float(y["loss"]) == pytest.approx(float(x["loss"]), abs=tolerance), (name, x["step"])
+
+
 @pytest.fixture(scope="session")
 def data_workspace(tmp_path_factory: pytest.TempPathFactory, kjv_slice: Path, chatter_slice: Path) -> Path:
     """A git + DVC workspace on the tiny params after `dvc repro tokenize`: the real ingest → tokenizer → tokenize

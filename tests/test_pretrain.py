@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_workspace, lmcycle, needs_cpu_compile
+from conftest import assert_same_training, copy_workspace, lmcycle, needs_cpu_compile
 from safetensors.torch import load_file
 
 # Tiny matmuls on a shared 2-core machine: one thread is many times faster than two contending ones.
@@ -336,10 +336,7 @@ def test_ddp_on_two_processes_ends_with_identical_replicas(data_workspace, tmp_p
     model = Transformer(ModelConfig(**meta["model_config"]))
     load_model_state(model, load_weights(final))
     assert rank0 == rank1 == weights_digest(model.state_dict())
-    # the same global batches as one process: the same training, up to float summation order
-    a, b = (json.loads((ws / "reports/pretrain.json").read_text()) for ws in (single, ddp))
-    assert a["tokens_seen"] == b["tokens_seen"]
-    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+    assert_same_training(single, ddp)  # the same global batches as one process
 
     fsdp = copy_workspace(data_workspace, tmp_path / "fsdp", pretrain={**params["pretrain"], "parallel": "fsdp"})
     torchrun(fsdp)

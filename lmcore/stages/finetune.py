@@ -5,8 +5,9 @@ brings), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune
 models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
 
 One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
-checkpoints/finetune/ (outside DVC's outputs, so `dvc repro` after a crash resumes), exact resume, SIGTERM saves,
-a non-finite loss stops, DDP under `torchrun --nproc_per_node=N -m flows.cli stage finetune`. The task only
+checkpoints/finetune/ or $LMCYCLE_CHECKPOINT_DIR (outside DVC's outputs, so `dvc repro` after a crash resumes),
+exact resume, SIGTERM saves, a non-finite loss stops, DDP on `finetune.nproc_per_node` processes (the stage
+starts them, lmcore/train/launch.py) or under `torchrun -m flows.cli stage finetune`. The task only
 changes what a batch is and what the loss is: SFT trains on assistant tokens of chat-template renderings;
 classification trains a `score` head (and the decoder) on the last token. With `finetune.lora.r > 0` peft adapters
 train instead of the full weights and are merged back before export, so the exported model is a plain one.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import Config, atomic_write_text
+from lmcore.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.errors import CheckpointError, ConfigError, DataError
 from lmcore.paths import Paths
 from lmcore.reporting import reporter
@@ -40,7 +41,10 @@ if TYPE_CHECKING:
 STAGE = "finetune"
 ROUND = 6
 # Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
-BOOKKEEPING_KEYS = frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"})
+# The launcher's keys are among them: a checkpoint resumes on another process count (lmcore/train/loop.py says when).
+BOOKKEEPING_KEYS = (
+    frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"}) | LAUNCH_KEYS
+)
 
 
 @dataclass
@@ -110,6 +114,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         )
         rep = reporter()
         rep.log_params({f"finetune.{k}": v for k, v in cfg.model_dump().items()} | {"project.seed": seed})
+        rep.log_params({"world_size": env.world_size})  # the processes that trained (PET_* variables may set it)
         for split in ("train", "val"):
             path = paths.split_file(cfg.task, split)
             rep.log_input(f"{cfg.task}-{split}", inputs[f"data_{split}"], str(path), context=split)
@@ -129,7 +134,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         seed=seed,
         loss_fn=task.loss_fn,
         evaluate_fn=task.evaluate_fn,
-        checkpoint_dir=paths.checkpoints(STAGE),
+        checkpoint_dir=paths.checkpoints(STAGE, config.project.name),
         fingerprint=fp,
         meta={"stage": STAGE, "task": cfg.task, "model_config": mcfg.to_dict(), "params": params, "inputs": inputs},
         name=STAGE,
@@ -392,7 +397,11 @@ def write_models(
             f"{paths.split_file(cfg.task, split).relative_to(paths.root)} (sha256 {inputs[f'data_{split}']})"
             for split in ("train", "val")
         ],
-        "params": {k: v for k, v in cfg.model_dump().items() if v is not None and not isinstance(v, dict)}
+        "params": {
+            k: v
+            for k, v in cfg.model_dump().items()
+            if v is not None and not isinstance(v, dict) and k not in LAUNCH_KEYS
+        }
         | {"project.seed": config.project.seed},
         "metrics": {k: v for k, v in report.items() if k.startswith(("val_", "train_"))},
         "tags": ["finetune", cfg.task],

@@ -4,14 +4,16 @@ Reads data/tokens/{train,val}, models/tokenizer and params `model`, `pretrain`, 
 models/pretrain/{checkpoint,hf} (the final checkpoint and a Hugging Face Llama directory with a model card),
 reports/pretrain.json (final metrics, no timings) and reports/pretrain/{train.csv,val.csv,loss.png}.
 
-Resumable by design: checkpoints go to checkpoints/pretrain/, which is NOT a DVC output. `dvc repro` deletes a
-stage's outputs before running it, so checkpoints kept under models/pretrain would vanish exactly when a rerun
-after a crash or preemption needs them. Each checkpoint carries a fingerprint of what determines the run (the
-`model` and `pretrain` params except pure bookkeeping keys, project.seed, the tokenizer fingerprint, the shard
-indexes, and the init_from weights); a rerun resumes from the newest checkpoint with the same fingerprint, so
-`lmcycle stage pretrain` or `dvc repro` after a kill continues where it stopped and ends bit-identical on CPU.
+Resumable by design: checkpoints go to checkpoints/pretrain/ (or $LMCYCLE_CHECKPOINT_DIR/<project.name>/pretrain/,
+see lmcore/paths.py), which is NOT a DVC output. `dvc repro` deletes a stage's outputs before running it, so
+checkpoints kept under models/pretrain would vanish exactly when a rerun after a crash or preemption needs them.
+Each checkpoint carries a fingerprint of what determines the run (the `model` and `pretrain` params except pure
+bookkeeping and launcher keys, project.seed, the tokenizer fingerprint, the shard indexes, and the init_from
+weights); a rerun resumes from the newest checkpoint with the same fingerprint, so `lmcycle stage pretrain` or
+`dvc repro` after a kill continues where it stopped and ends bit-identical on CPU.
 
-Runs the same under `torchrun --nproc_per_node=N -m flows.cli stage pretrain` (DDP, or FSDP2 with
+Runs the same on `pretrain.nproc_per_node` processes, which the stage starts itself (lmcore/train/launch.py), or
+under `torchrun --nproc_per_node=N -m flows.cli stage pretrain` (DDP, or FSDP2 with
 `pretrain.parallel: fsdp`): `pretrain.batch_size` is the global micro-batch, each rank reads its share of the same
 draw, and rank 0 alone writes checkpoints, reports and the exported model.
 """
@@ -28,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import Config, atomic_write_text
+from lmcore.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.errors import CheckpointError, ConfigError, DataError
 from lmcore.paths import Paths
 from lmcore.reporting import reporter
@@ -43,7 +45,10 @@ if TYPE_CHECKING:
 STAGE = "pretrain"
 SIGNIFICANT = 7  # significant digits of every float in reports: byte-identical reruns, no float noise
 # Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
-BOOKKEEPING_KEYS = frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"})
+# The launcher's keys are among them: a checkpoint resumes on another process count (lmcore/train/loop.py says when).
+BOOKKEEPING_KEYS = (
+    frozenset({"log_every", "eval_every", "eval_max_batches", "checkpoint_every", "keep_checkpoints"}) | LAUNCH_KEYS
+)
 
 
 def run(config: Config, paths: Paths) -> dict:
@@ -91,6 +96,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         rep = reporter()
         rep.log_params({f"model.{k}": v for k, v in mcfg.to_dict().items()})
         rep.log_params({f"pretrain.{k}": v for k, v in cfg.model_dump().items()} | {"project.seed": seed})
+        rep.log_params({"world_size": env.world_size})  # the processes that trained (PET_* variables may set it)
         for split, shards in (("train", train_shards), ("val", val_shards)):
             rep.log_input(f"tokens-{split}", inputs[f"{split}_index"], str(shards.directory), context=split)
 
@@ -112,7 +118,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         env=env,
         seed=seed,
         evaluate_fn=evaluate_fn,
-        checkpoint_dir=paths.checkpoints(STAGE),
+        checkpoint_dir=paths.checkpoints(STAGE, config.project.name),
         fingerprint=fp,
         meta={"stage": STAGE, "model_config": mcfg.to_dict(), "params": params, "inputs": inputs},
         flops_per_token=mcfg.flops_per_token(context),
@@ -331,7 +337,7 @@ def _write_models(paths: Paths, config: Config, mcfg: ModelConfig, result, repor
             f"val {inputs['val_index']})",
             f"tokenizer: {paths.tokenizer.relative_to(paths.root)} (fingerprint {inputs['tokenizer']})",
         ],
-        "params": {k: v for k, v in config.pretrain.model_dump().items() if v is not None}
+        "params": {k: v for k, v in config.pretrain.model_dump().items() if v is not None and k not in LAUNCH_KEYS}
         | {"project.seed": config.project.seed},
         "metrics": {k: v for k, v in report.items() if k.startswith(("val_", "train_"))},
         "tags": ["pretrain"],

@@ -41,6 +41,7 @@ from lmcore.train.distributed import (
     no_sync,
     wrap_model,
 )
+from lmcore.train.launch import check_process_count
 from lmcore.train.optim import build_optimizer, lr_at, set_lr
 from lmcore.train.runtime import autocast, peak_flops, pick_dtype, rng_state, seed_everything, set_rng_state
 from lmcore.train.split import SplitBackward, loss_terms, split_choice
@@ -450,18 +451,15 @@ def _resume(model, optimizer, state: _State, env: DistEnv, root: Path | None, fp
     if path is None:
         return None
     path = Path(path)
+    meta = ckpt.read_meta(path)
+    note = check_process_count(model, int(meta.get("world_size", 1)), env, name, path)  # refuses what can't resume
+    if note:
+        _say(env, note)
     ckpt.load_model_state(model, ckpt.load_weights(path))
     trainer = ckpt.load_trainer(path)
     ckpt.load_optimizer_state(model, optimizer, trainer["optimizer"])
     rngs = trainer["rng"]
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-    meta = ckpt.read_meta(path)
-    if meta.get("world_size", 1) != env.world_size:
-        _say(
-            env,
-            f"{name}: warning: checkpoint written by {meta.get('world_size')} processes, resuming on "
-            f"{env.world_size}: the data order is the same but dropout draws differ",
-        )
     state.step = int(meta["step"])
     state.tokens_seen = int(meta["tokens_seen"])
     state.history = ckpt.load_history(path)
