@@ -301,10 +301,17 @@ def dvc_stage(
     import shutil
     import uuid
 
+    from flows.remote import ingest_up_to_date
     from lmcore.tracking import SPOOL_ENV
 
     logger = get_run_logger()
     root = Path(workspace)
+    started = time.monotonic()
+    if not force and ingest_up_to_date(root, name):
+        logger.info("%s: outputs, code and params as in dvc.lock and the sources' fingerprints unchanged", name)
+        seconds = round(time.monotonic() - started, 3)
+        data = StageResult(name, "skipped", seconds, 0).summary()
+        return Completed(name="Skipped", message="up to date: sources unchanged", data=data)
     forwarder: Any = contextlib.nullcontext()
     spool = root / ".lmcycle" / "spool" / uuid.uuid4().hex
     if tracking is not None:
@@ -364,6 +371,16 @@ def register(
     return result
 
 
+@task(name="push", cache_policy=NO_CACHE)
+def dvc_push(workspace: str) -> dict[str, Any]:
+    """`dvc push --run-cache` to the workspace's default remote, so another host pulls instead of recomputing."""
+    from flows.remote import push
+
+    result = push(workspace)
+    get_run_logger().info("pushed %d file(s) to DVC remote %r (with the run cache)", result["pushed"], result["remote"])
+    return result
+
+
 def _register_in_host(
     runner: _CommandRunner, root: Path, parent_run_id: str | None, flow_run_id: str | None, timeout_s: float
 ) -> dict[str, Any]:
@@ -406,12 +423,15 @@ def lifecycle(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
     register_model: bool = True,
+    push: bool | None = None,
 ) -> dict[str, Any]:
     """Run the stage graph through DVC, then register the model and apply the promotion gate.
 
     `overrides` (section.key=value) are validated and written into params.yaml first, like `dvc exp run -S`;
-    `until` stops after that stage (and its upstream); `force` reruns the named stages even if up to date.
+    `until` stops after that stage (and its upstream); `force` reruns the named stages even if up to date;
+    `push` runs `dvc push --run-cache` at the end (None: when the workspace has a default DVC remote).
     """
+    from flows.remote import should_push
     from lmcore.config import apply_overrides, read_params, validate
     from lmcore.tracking import tracking_enabled
     from lmcore.workspace import workspace_lock
@@ -424,6 +444,7 @@ def lifecycle(
         config = apply_overrides(list(overrides or []), params_file)
         order, upstream = stage_graph(root)
         selected = select_stages(order, upstream, until)
+        pushing = should_push(root, push)
         unknown = [s for s in force or [] if s not in upstream]
         if unknown:
             raise LmcycleError(
@@ -438,6 +459,8 @@ def lifecycle(
                 report["registration"] = (
                     _register(root, run, host) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
                 )
+            if pushing:
+                report["push"] = dvc_push(str(root))
             status = "FINISHED"
         except BaseException as err:
             report["failed"] = report["failed"] or f"{type(err).__name__}: {err}"
@@ -659,6 +682,8 @@ def _markdown(root: Path, report: dict[str, Any], run: _ParentRun | None, rows: 
                 f"- gate: **{reg['decision']}**: {reg['reason']}",
                 f"- {reg['metric']}: challenger {reg['challenger_value']}, champion {champion}",
             ]
+    if report.get("push"):
+        lines += ["", f"DVC: pushed {report['push']['pushed']} file(s) to remote `{report['push']['remote']}`."]
     if run is not None:
         lines += ["", "## MLflow", "", f"- parent run `{run.run_id}`", f"- {run.link()}"]
     return "\n".join(lines) + "\n"
