@@ -249,6 +249,7 @@ def run_dvc_stage(
     env: dict[str, str] | None = None,
     on_line: Callable[[str], None] = print,
     host: Any = None,
+    pull: bool = False,
 ) -> StageResult:
     """`dvc repro --single-item NAME` through DVC's API in this process: DVC decides, runs the command and writes
     dvc.lock exactly as the CLI does; the command itself runs in its own process group (see `_CommandRunner`)."""
@@ -261,7 +262,9 @@ def run_dvc_stage(
     reproduced: list[Any] = []
     with _dvc_runs_commands_with(runner), Repo(str(root)) as repo:
         try:
-            reproduced = repo.reproduce(_target(root, name), single_item=True, force=force, run_env=stage_env(env))
+            reproduced = repo.reproduce(
+                _target(root, name), single_item=True, force=force, run_env=stage_env(env), pull=pull
+            )
         except DvcException as err:
             error = err
             runner.line(f"ERROR: {err}{f': {err.__cause__}' if err.__cause__ else ''}")
@@ -293,8 +296,10 @@ def dvc_stage(
     env: dict[str, str],
     tracking: Any = None,
     host: Any = None,
+    pull: bool = False,
 ) -> Any:
-    """One DVC stage. A Completed state named Skipped/Restored when DVC did not run its command.
+    """One DVC stage. A Completed state named Skipped/Restored when DVC did not run its command; with `pull`
+    (a DVC remote is configured) DVC fetches missing outputs and run-cache hits instead of running it.
 
     With `tracking` (a `_ParentRun`), the stage's events come back through a spool directory and are logged here.
     """
@@ -320,7 +325,15 @@ def dvc_stage(
     try:
         with forwarder:
             result = run_dvc_stage(
-                name, root, force=force, timeout_s=timeout_s, grace_s=grace_s, env=env, on_line=logger.info, host=host
+                name,
+                root,
+                force=force,
+                timeout_s=timeout_s,
+                grace_s=grace_s,
+                env=env,
+                on_line=logger.info,
+                host=host,
+                pull=pull,
             )
     finally:
         shutil.rmtree(spool, ignore_errors=True)
@@ -500,7 +513,10 @@ def _run_graph(
     """The selected stages in order; DVC decides for each whether it runs."""
     from prefect.runtime import flow_run
 
+    from flows.remote import default_remote
+
     env = {"LMCYCLE_FLOW_RUN_ID": str(flow_run.id or "")}
+    pull = default_remote(root) is not None
     stage_task = dvc_stage.with_options(retries=config.flow.retries, retry_delay_seconds=config.flow.retry_delay_s)
     for name in selected:
         started = time.monotonic()
@@ -513,6 +529,7 @@ def _run_graph(
             env,
             run,
             host,
+            pull,
             return_state=True,
         )
         seconds = round(time.monotonic() - started, 2)

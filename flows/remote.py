@@ -1,8 +1,9 @@
 """A workspace's DVC remote: push after a flow run, pull before one, and when the always-changed ingest can skip.
 
 Design choices:
-- Through DVC's Python API (`Repo.push` / `Repo.pull`), with the run cache (`run_cache=True`): a clone whose
-  dvc.lock in git is older than the remote still gets its stages restored from the run cache by `dvc repro`.
+- Through DVC's Python API (`Repo.push` / `Repo.pull`), with the run cache (`run_cache=True`) and the outputs its
+  entries refer to: a clone whose dvc.lock in git is older than the remote still gets its stages restored from the
+  run cache by `dvc repro --pull` (the flow reproduces with `pull` when a remote is configured).
 - Pulling is tolerant by design (`dvc_pull_step`, a Prefect deployment pull step): no remote, an empty remote or
   a remote that lacks some outputs is not an error, since the stages that miss data recompute it.
 - `ingest` is `always_changed` in dvc.yaml (its sources may live outside the repository) and DVC never uses the run
@@ -52,20 +53,53 @@ def should_push(root: str | Path, push: bool | None) -> bool:
 
 def push(root: str | Path) -> dict[str, Any]:
     """`dvc push --run-cache`: every cached output of the workspace and the run cache, to the default remote."""
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     remote = default_remote(root)
     try:
         with _quiet_dvc(), Repo(str(root)) as repo:
             pushed = repo.push(run_cache=True)
-    except DvcException as err:
+            pushed += _push_run_cache_outputs(repo, remote)
+    except Exception as err:  # noqa: BLE001 (DVC errors, and OSError or a cloud SDK's own from the file systems)
         cause = f": {err.__cause__}" if err.__cause__ else ""
         raise RemoteError(
             f"dvc push to remote {remote!r} failed ({_one_line(err)}{_one_line(cause)}); the outputs are still in "
             "the local cache: run `dvc push --run-cache` once the remote works"
         ) from None
     return {"remote": remote, "pushed": int(pushed or 0)}
+
+
+def _push_run_cache_outputs(repo: Any, remote: str | None) -> int:
+    """The outputs the run cache refers to that `Repo.push` leaves behind: DVC keeps a stage's uncached outputs
+    (metrics, plots: `cache: false`) in the local cache for its run cache, but pushes only the run-cache entries,
+    so a clone could not restore those stages. Objects gone from the local cache (`dvc gc`) are skipped."""
+    from dvc.stage import PipelineStage, create_stage
+    from dvc.stage.loader import StageLoader
+
+    objs: set[Any] = set()
+    for path in Path(repo.stage_cache.cache_dir).glob("*/*/*"):
+        entry = repo.stage_cache._load_cache(path.parent.name, path.name) if path.is_file() else None
+        if not entry:
+            continue
+        # as StageCache._create_stage, but with an absolute dvc.yaml path: DVC's resolves it against the CWD
+        dvcfile = str(Path(repo.root_dir) / "dvc.yaml")
+        outs = [out["path"] for out in entry["outs"]]
+        stage = create_stage(PipelineStage, repo=repo, path=dvcfile, cmd=entry["cmd"], wdir=repo.root_dir, outs=outs)
+        StageLoader.fill_from_lock(stage, entry)
+        for used in stage.get_used_objs().values():
+            objs.update(used)
+    local = [obj for obj in objs if _in_local_cache(repo, obj)]
+    if not local:
+        return 0
+    result = repo.cloud.push(local, remote=remote)
+    if result.failed:
+        raise RemoteError(f"{len(result.failed)} run-cache output(s) could not be written to remote {remote!r}")
+    return len(result.transferred)
+
+
+def _in_local_cache(repo: Any, obj: Any) -> bool:
+    odb = repo.cache.legacy if obj.name == "md5-dos2unix" else repo.cache.local
+    return bool(obj.value) and odb.exists(obj.value)
 
 
 def dvc_pull_step(directory: str = ".", run_cache: bool = True) -> dict[str, Any]:
@@ -76,7 +110,6 @@ def dvc_pull_step(directory: str = ".", run_cache: bool = True) -> dict[str, Any
     Returns {"remote", "fetched", "added", "modified"} (remote None when none is configured); raises RemoteError
     with one line only when the remote is configured but cannot be read (wrong path, credentials, network).
     """
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     remote = default_remote(directory)
@@ -85,7 +118,7 @@ def dvc_pull_step(directory: str = ".", run_cache: bool = True) -> dict[str, Any
     try:
         with _quiet_dvc(), Repo(directory) as repo:
             stats = repo.pull(run_cache=run_cache, allow_missing=True).get("stats", {})
-    except DvcException as err:
+    except Exception as err:  # noqa: BLE001 (as in push)
         raise RemoteError(f"dvc pull from remote {remote!r} failed: {_one_line(err)}") from None
     return {"remote": remote, **{k: int(stats.get(k, 0)) for k in ("fetched", "added", "modified")}}
 
@@ -100,7 +133,7 @@ def ingest_up_to_date(root: str | Path, name: str) -> bool:
     from lmcore.paths import Paths
 
     with _quiet_dvc(), Repo(str(root)) as repo, repo.lock:
-        (stage,) = repo.stage.collect(name)
+        (stage,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")  # whatever the CWD is
         if not stage.always_changed:
             return False
         if stage.changed_stage() or stage._changed_deps() or stage.changed_outs():

@@ -1,0 +1,165 @@
+"""Data and models travel through a DVC remote: a flow run ends with `dvc push --run-cache`, and a fresh clone
+that pulls runs no stage (real git with a bare origin, real DVC with a local-directory remote, the real flow)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.remote import RemoteError, dvc_pull_step, ingest_up_to_date
+
+STATE = re.compile(r"^\W*(\S+)\s+\W\s+(ran|skipped|restored) \(", re.MULTILINE)
+
+
+def sh(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def commit(root: Path, message: str) -> None:
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message, cwd=root)
+
+
+def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["lmcycle", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **env}, timeout=900
+    )
+
+
+def stage_states(stderr: str) -> dict[str, str]:
+    """Stage -> ran|skipped|restored, read from the summary table `lmcycle run` prints."""
+    return dict(STATE.findall(stderr))
+
+
+def files_in(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def pipeline(tmp_path: Path, remote: Path | None) -> tuple[Path, Path]:
+    """A small git + DVC repository (two stages, run and committed with dvc.lock) and a bare clone of it."""
+    root = tmp_path / "src"
+    root.mkdir()
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    stages = {
+        "one": {"cmd": "echo one > one.txt", "outs": ["one.txt"]},
+        "two": {"cmd": "cat one.txt one.txt > two.txt", "deps": ["one.txt"], "outs": ["two.txt"]},
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    if remote is not None:
+        sh("dvc", "remote", "add", "-d", "store", str(remote), cwd=root)
+    sh("dvc", "repro", "-q", cwd=root)
+    commit(root, "pipeline")
+    origin = tmp_path / "origin.git"
+    sh("git", "clone", "-q", "--bare", str(root), str(origin), cwd=tmp_path)
+    return root, origin
+
+
+# --- the pull step -----------------------------------------------------------------------------------------
+
+
+def test_the_pull_step_tolerates_no_remote_and_an_empty_remote(tmp_path):
+    _, origin = pipeline(tmp_path, remote=None)
+    clone = tmp_path / "no-remote"
+    sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    assert dvc_pull_step(str(clone)) == {"remote": None, "fetched": 0, "added": 0, "modified": 0}
+
+    for name, store in [("missing-dir", tmp_path / "nothing-here"), ("empty-dir", tmp_path / "empty")]:
+        if name == "empty-dir":
+            store.mkdir()
+        clone = tmp_path / name
+        sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+        sh("dvc", "remote", "add", "-d", "store", str(store), cwd=clone)
+        result = dvc_pull_step(str(clone))  # dvc.lock names outputs the remote does not have: not an error
+        assert result == {"remote": "store", "fetched": 0, "added": 0, "modified": 0}
+        assert not (clone / "two.txt").exists()
+
+
+def test_the_pull_step_checks_out_what_was_pushed_and_fails_in_one_line_on_a_broken_remote(tmp_path):
+    store = tmp_path / "store"
+    root, origin = pipeline(tmp_path, remote=store)
+    from flows.remote import push
+
+    assert push(root) == {"remote": "store", "pushed": 3}  # two outputs, the run-cache entry of `two`
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    assert dvc_pull_step(str(clone))["added"] == 2
+    assert (clone / "two.txt").read_text() == "one\none\n"
+
+    broken = tmp_path / "broken"
+    sh("git", "clone", "-q", str(origin), str(broken), cwd=tmp_path)
+    (tmp_path / "a-file").write_text("not a directory")
+    sh("dvc", "remote", "modify", "store", "url", str(tmp_path / "a-file" / "store"), cwd=broken)
+    with pytest.raises(RemoteError) as err:
+        push(broken)
+    assert str(err.value).startswith("dvc push to remote 'store' failed") and "\n" not in str(err.value)
+    with pytest.raises(RemoteError) as err:  # a remote that is configured but cannot be read is an error
+        dvc_pull_step(str(broken))
+    assert str(err.value).startswith("dvc pull from remote 'store' failed") and "\n" not in str(err.value)
+
+
+def test_push_without_a_remote_fails_before_anything_runs(workspace_factory):
+    root = workspace_factory()
+    before = (root / "params.yaml").read_bytes()
+    proc = run_cli("run", "--push", "-S", "pretrain.steps=3", cwd=root, LMCYCLE_TRACKING="off")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --push: {root} has no default DVC remote; add one (`dvc remote add -d NAME URL`) or pass --no-push"
+    ]
+    assert not (root / "data").exists() and (root / "params.yaml").read_bytes() == before
+
+
+# --- a flow run pushes; fresh clones pull --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_pushes_and_a_fresh_clone_that_pulls_runs_no_stage(workspace_factory, prefect_api, tmp_path):
+    root = workspace_factory()
+    store = tmp_path / "store"
+    sh("dvc", "remote", "add", "-d", "store", str(store), cwd=root)
+    commit(root, "remote")
+    origin = tmp_path / "origin.git"
+    sh("git", "clone", "-q", "--bare", str(root), str(origin), cwd=tmp_path)
+    sh("git", "remote", "add", "origin", str(origin), cwd=root)
+    env = {"PREFECT_API_URL": prefect_api, "LMCYCLE_TRACKING": "off"}
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+    first = run_cli("run", cwd=root, **env)  # a remote is configured: it pushes by default
+    assert first.returncode == 0, first.stderr[-5000:]
+    assert stage_states(first.stderr) == dict.fromkeys(stages, "ran")
+    assert "to DVC remote 'store'" in first.stderr
+    assert files_in(store / "files") and files_in(store / "runs")  # outputs and the run cache
+    commit(root, "results")  # dvc.lock and the uncached reports, as a team commits them
+    sh("git", "push", "-q", "origin", "HEAD", cwd=root)
+
+    clone = tmp_path / "clone"  # another worker: a fresh clone on an empty DVC cache
+    sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    assert dvc_pull_step(str(clone))["added"] > 0
+    assert ingest_up_to_date(clone, "ingest")
+    second = run_cli("run", cwd=clone, **env)
+    assert second.returncode == 0, second.stderr[-5000:]
+    assert stage_states(second.stderr) == dict.fromkeys(stages, "skipped"), second.stderr[-3000:]
+    assert not (clone / "checkpoints").exists()  # no trainer started
+    assert sh("git", "status", "--porcelain", cwd=clone) == ""  # dvc.lock and reports as pulled
+
+    older = tmp_path / "older"  # a clone whose dvc.lock predates the run: the run cache restores the stages
+    sh("git", "clone", "-q", str(origin), str(older), cwd=tmp_path)
+    sh("git", "checkout", "-q", "HEAD~1", cwd=older)
+    dvc_pull_step(str(older))
+    third = run_cli("run", "--no-push", cwd=older, **env)
+    assert third.returncode == 0, third.stderr[-5000:]
+    # ingest has no lock entry to compare with and DVC keeps no run cache for an always-changed stage: it runs and
+    # writes byte-identical data; the trainers come out of the run cache. DVC keeps no run cache either for a stage
+    # with uncached plain `outs` (evaluate's samples and predictions, tracked in git): it runs again.
+    restored = dict.fromkeys(stages, "restored") | {"ingest": "ran", "evaluate": "ran"}
+    assert stage_states(third.stderr) == restored, third.stderr[-3000:]
+    assert not (older / "checkpoints").exists()
+    lock = yaml.safe_load((older / "dvc.lock").read_text())["stages"]
+    assert lock == yaml.safe_load((root / "dvc.lock").read_text())["stages"]
