@@ -61,10 +61,10 @@ def push(root: str | Path) -> dict[str, Any]:
             pushed = repo.push(run_cache=True)
             pushed += _push_run_cache_outputs(repo, remote)
     except Exception as err:  # noqa: BLE001 (DVC errors, and OSError or a cloud SDK's own from the file systems)
-        cause = f": {err.__cause__}" if err.__cause__ else ""
+        cause = f": {_one_line(err.__cause__)}" if err.__cause__ else ""
         raise RemoteError(
-            f"dvc push to remote {remote!r} failed ({_one_line(err)}{_one_line(cause)}); the outputs are still in "
-            "the local cache: run `dvc push --run-cache` once the remote works"
+            f"dvc push to remote {remote!r} failed ({_one_line(err)}{cause}); the outputs are still in the local "
+            "cache: once the remote works, run again (every stage is up to date, so it only pushes)"
         ) from None
     return {"remote": remote, "pushed": int(pushed or 0)}
 
@@ -127,17 +127,21 @@ def ingest_up_to_date(root: str | Path, name: str) -> bool:
     """Whether the flow may skip the always-changed ingest stage `name` (see the module docstring)."""
     if name != INGEST_STAGE:
         return False
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     from lmcore.config import load_config
     from lmcore.paths import Paths
 
-    with _quiet_dvc(), Repo(str(root)) as repo, repo.lock:
-        (stage,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")  # whatever the CWD is
-        if not stage.always_changed:
-            return False
-        if stage.changed_stage() or stage._changed_deps() or stage.changed_outs():
-            return False
+    try:
+        with _quiet_dvc(), Repo(str(root)) as repo, repo.lock:
+            (stage,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")  # whatever the CWD is
+            if not stage.always_changed:
+                return False
+            if stage.changed_stage() or stage._changed_deps() or stage.changed_outs():
+                return False
+    except DvcException:  # no such stage, a broken dvc.yaml: DVC's repro says why
+        return False
     paths = Paths.of(root)
     return sources_unchanged(load_config(paths.root / "params.yaml"), paths)
 
