@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -114,6 +115,31 @@ def test_push_without_a_remote_fails_before_anything_runs(workspace_factory):
         f"error: --push: {root} has no default DVC remote; add one (`dvc remote add -d NAME URL`) or pass --no-push"
     ]
     assert not (root / "data").exists() and (root / "params.yaml").read_bytes() == before
+
+
+def test_ingest_counts_as_up_to_date_only_while_its_sources_keep_their_fingerprints(data_workspace, tmp_path):
+    from conftest import copy_workspace
+
+    root = copy_workspace(data_workspace, tmp_path / "ws")
+    corpus = root / "corpus" / "kjv.jsonl"  # a source the test can edit, outside DVC's view
+    corpus.parent.mkdir()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    shutil.copy(params["data"]["pretrain"][0]["uri"], corpus)
+    params["data"]["pretrain"][0]["uri"] = "corpus/kjv.jsonl"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "LMCYCLE_TRACKING": "off"}
+    proc = subprocess.run(["dvc", "repro", "ingest"], cwd=root, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ingest_up_to_date(root, "ingest")
+    assert not ingest_up_to_date(root, "tokenize")  # only the always-changed ingest gets this check
+
+    lines = corpus.read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines[:-1]) + lines[-1].replace("the", "thee", 1))  # same size class, new content
+    assert not ingest_up_to_date(root, "ingest")
+    corpus.write_text("".join(lines))
+    assert ingest_up_to_date(root, "ingest")
+    (root / "reports" / "ingest.json").write_text("{}")  # an output that no longer matches dvc.lock
+    assert not ingest_up_to_date(root, "ingest")
 
 
 # --- a flow run pushes; fresh clones pull --------------------------------------------------------------------
