@@ -3,10 +3,12 @@ that pulls runs no stage (real git with a bare origin, real DVC with a local-dir
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,16 @@ def test_the_pull_step_tolerates_no_remote_and_an_empty_remote(tmp_path):
         assert not (clone / "two.txt").exists()
 
 
-def test_the_pull_step_checks_out_what_was_pushed_and_fails_in_one_line_on_a_broken_remote(tmp_path):
+PULL_STEPS = """
+import asyncio, json, sys
+import yaml
+from prefect.deployments.steps.core import run_steps
+steps = yaml.safe_load(sys.stdin.read())["pull"]
+print(json.dumps(asyncio.run(run_steps(steps))["pull"]))
+"""
+
+
+def test_the_pull_step_checks_out_what_was_pushed_and_fails_in_one_line_on_a_broken_remote(tmp_path, prefect_api):
     store = tmp_path / "store"
     root, origin = pipeline(tmp_path, remote=store)
     from flows.remote import push
@@ -91,7 +102,24 @@ def test_the_pull_step_checks_out_what_was_pushed_and_fails_in_one_line_on_a_bro
     assert push(root) == {"remote": "store", "pushed": 3}  # two outputs, the run-cache entry of `two`
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    assert dvc_pull_step(str(clone))["added"] == 2
+    steps = {  # as a deployment's prefect.yaml names it; Prefect's own step runner calls it, as a worker does
+        "pull": [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(clone)}},
+            {"flows.remote.dvc_pull_step": {"id": "pull", "directory": "."}},
+        ]
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PULL_STEPS],
+        input=yaml.safe_dump(steps),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pulled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert pulled["remote"] == "store" and pulled["added"] == 2
     assert (clone / "two.txt").read_text() == "one\none\n"
 
     broken = tmp_path / "broken"
