@@ -467,7 +467,7 @@ def lifecycle(
         report: dict[str, Any] = {"stages": [], "failed": "", "workspace": str(root)}
         status = "FAILED"
         try:
-            _run_graph(root, config, selected, set(force or []), run, report, host)
+            _run_graph(root, config, selected, set(force or []), run, report, host, pull=pushing)
             if register_model and until is None:
                 report["registration"] = (
                     _register(root, run, host) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
@@ -509,14 +509,12 @@ def _run_graph(
     run: _ParentRun | None,
     report: dict[str, Any],
     host: Any,
+    pull: bool = False,
 ) -> None:
-    """The selected stages in order; DVC decides for each whether it runs."""
+    """The selected stages in order; DVC decides for each whether it runs (with `pull`, whether the remote has it)."""
     from prefect.runtime import flow_run
 
-    from flows.remote import default_remote
-
     env = {"LMCYCLE_FLOW_RUN_ID": str(flow_run.id or "")}
-    pull = default_remote(root) is not None
     stage_task = dvc_stage.with_options(retries=config.flow.retries, retry_delay_seconds=config.flow.retry_delay_s)
     for name in selected:
         started = time.monotonic()

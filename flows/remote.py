@@ -40,15 +40,35 @@ def default_remote(root: str | Path) -> str | None:
 
 
 def should_push(root: str | Path, push: bool | None) -> bool:
-    """Whether a flow run pushes: as asked, else (None) when the workspace has a default remote. Asking for a push
-    without a remote is an error, raised before any stage runs."""
+    """Whether a flow run uses the remote (pulls what it misses, pushes at the end): as asked, else (None) when the
+    workspace has a default remote. A push without a remote, or to a remote that cannot be read, is an error
+    raised before any stage runs."""
     remote = default_remote(root)
     if push and remote is None:
         raise RemoteError(
             f"--push: {Path(root).resolve()} has no default DVC remote; add one (`dvc remote add -d NAME URL`) "
             "or pass --no-push"
         )
-    return bool(remote) if push is None else push
+    using = bool(remote) if push is None else push
+    if using:
+        check_remote(root, remote)
+    return using
+
+
+def check_remote(root: str | Path, remote: str) -> None:
+    """One read of the remote (does its root exist), so a wrong URL, endpoint or credential fails in one line
+    before any stage runs rather than at the push. A remote that does not exist yet is fine (the push creates it)."""
+    from dvc.repo import Repo
+
+    try:
+        with _quiet_dvc(), Repo(str(root)) as repo:
+            odb = repo.cloud.get_remote_odb(remote)
+            odb.fs.exists(odb.path)
+    except Exception as err:  # noqa: BLE001 (as in push)
+        raise RemoteError(
+            f"DVC remote {remote!r} cannot be read ({_one_line(err)}): check its URL and credentials "
+            "(`dvc remote modify`), or pass --no-push to run without it"
+        ) from None
 
 
 def push(root: str | Path) -> dict[str, Any]:

@@ -41,6 +41,14 @@ def stage_states(stderr: str) -> dict[str, str]:
     return dict(STATE.findall(stderr))
 
 
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
 def files_in(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
@@ -134,7 +142,7 @@ def test_the_pull_step_checks_out_what_was_pushed_and_fails_in_one_line_on_a_bro
     assert str(err.value).startswith("dvc pull from remote 'store' failed") and "\n" not in str(err.value)
 
 
-def test_push_without_a_remote_fails_before_anything_runs(workspace_factory):
+def test_no_remote_or_one_that_cannot_be_read_fails_before_anything_runs(workspace_factory):
     root = workspace_factory()
     before = (root / "params.yaml").read_bytes()
     proc = run_cli("run", "--push", "-S", "pretrain.steps=3", cwd=root, LMCYCLE_TRACKING="off")
@@ -142,6 +150,16 @@ def test_push_without_a_remote_fails_before_anything_runs(workspace_factory):
     assert proc.stderr.strip().splitlines() == [
         f"error: --push: {root} has no default DVC remote; add one (`dvc remote add -d NAME URL`) or pass --no-push"
     ]
+    # an S3 remote whose endpoint does not answer (nothing listens on that 127.0.0.1 port)
+    sh("dvc", "remote", "add", "-d", "s3", "s3://bucket/dvc", cwd=root)
+    sh("dvc", "remote", "modify", "s3", "endpointurl", f"http://127.0.0.1:{closed_port()}", cwd=root)
+    for key, value in [("access_key_id", "test-key"), ("secret_access_key", "test-secret")]:
+        sh("dvc", "remote", "modify", "--local", "s3", key, value, cwd=root)
+    proc = run_cli("run", "-S", "pretrain.steps=3", cwd=root, LMCYCLE_TRACKING="off", AWS_EC2_METADATA_DISABLED="true")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: DVC remote 's3' cannot be read (Could not connect to the endpoint URL"), line
+    assert "test-secret" not in proc.stderr
     assert not (root / "data").exists() and (root / "params.yaml").read_bytes() == before
 
 
