@@ -453,7 +453,9 @@ def lifecycle(
     root = Path(workspace).resolve()
     params_file = root / "params.yaml"
     lock_timeout = validate(read_params(params_file), str(params_file)).flow.lock_timeout_s
-    with workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
+    # In the workspace: DVC's run cache resolves the stages it restores against the working directory
+    # (StageCache._create_stage), so a restore from elsewhere (`lmcycle run --workspace DIR`) would fail.
+    with contextlib.chdir(root), workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
         config = apply_overrides(list(overrides or []), params_file)
         order, upstream = stage_graph(root)
         selected = select_stages(order, upstream, until)

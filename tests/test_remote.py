@@ -225,7 +225,8 @@ def test_a_run_pushes_and_a_fresh_clone_that_pulls_runs_no_stage(workspace_facto
     sh("git", "clone", "-q", str(origin), str(older), cwd=tmp_path)
     sh("git", "checkout", "-q", "HEAD~1", cwd=older)
     dvc_pull_step(str(older))
-    third = run_cli("run", cwd=older, **env)  # with the remote: DVC fetches what its run cache restores
+    # with the remote, DVC fetches what its run cache restores; from another directory, as `--workspace` allows
+    third = run_cli("run", "--workspace", str(older), cwd=tmp_path, **env)
     assert third.returncode == 0, third.stderr[-5000:]
     # ingest has no lock entry to compare with and DVC keeps no run cache for an always-changed stage: it runs and
     # writes byte-identical data; the trainers come out of the run cache. DVC keeps no run cache either for a stage
