@@ -123,10 +123,20 @@ def run(
     until: Annotated[str | None, typer.Option(help="stop after this stage (and the stages it needs)")] = None,
     force: Annotated[list[str] | None, typer.Option(help="rerun this stage even if DVC finds it up to date")] = None,
     register: Annotated[bool, typer.Option(help="register the model and apply the promotion gate")] = True,
+    push: Annotated[
+        bool | None,
+        typer.Option(
+            "--push/--no-push",
+            help="`dvc push --run-cache` after a successful run [default: when the workspace has a DVC remote]",
+            show_default=False,
+        ),
+    ] = None,
     workspace: Annotated[Path, typer.Option(help="the workspace (DVC repository) to run in")] = Path("."),
 ) -> None:
     """Run the lifecycle: write overrides into params.yaml, then the Prefect flow `lm-lifecycle` over the DVC
     stages, MLflow tracking, and registration with the promotion gate."""
+    from flows.preflight import check_prefect_api
+    from flows.remote import should_push
     from lmcore.config import apply_overrides, load_config
     from lmcore.tracking import check_tracking, tracking_enabled, tracking_uri
     from lmcore.workspace import dvc_write_lock, workspace_lock
@@ -135,11 +145,13 @@ def run(
     try:
         config = load_config(root / "params.yaml")
         _check_stage_names(root, until, force or [])
+        should_push(root, push)
+        if tracking_enabled():  # servers and credentials, before anything is written
+            check_tracking(tracking_uri(root))
+        check_prefect_api()
         with workspace_lock(root, config.flow.lock_timeout_s):
             with dvc_write_lock(root, root / "params.yaml"):  # never under a running `dvc repro`
                 apply_overrides(set_ or [], root / "params.yaml")
-            if tracking_enabled():
-                check_tracking(tracking_uri(root))
             from flows.stagehost import prestarted
 
             with prestarted(root):  # it imports torch while Prefect starts
@@ -154,6 +166,7 @@ def run(
                     force=force or [],
                     overrides=set_ or [],
                     register_model=register,
+                    push=push,
                     return_state=True,
                 )
     except LmcycleError as err:
@@ -168,6 +181,8 @@ def run(
     elif reg:
         reused = " (reused: same dvc.lock)" if reg.get("reused") else ""
         rows["register"] = f"{reg['uri']}{reused}: {reg['decision']}, {reg['reason']}"
+    if report.get("push"):
+        rows["push"] = f"{report['push']['pushed']} file(s) to DVC remote {report['push']['remote']!r}"
     print_summary("lm-lifecycle", rows)
 
 
@@ -208,11 +223,13 @@ def serve(
     """Schedule the lifecycle on this machine. Needs a Prefect server (PREFECT_API_URL, or --start-server):
     the ephemeral API that `lmcycle run` uses cannot schedule."""
     from flows.deploy import serve_lifecycle
+    from flows.preflight import check_prefect_api
     from lmcore.config import load_config
 
     root = workspace.resolve()
     try:
         config = load_config(root / "params.yaml")
+        check_prefect_api()  # the configured server, if any (--start-server starts one without auth)
         parameters = {"workspace": str(root), "overrides": list(set_ or [])}
         serve_lifecycle(root, cron or config.flow.cron, name, parameters, start=start_server, limit=limit)
     except LmcycleError as err:

@@ -283,6 +283,7 @@ def run_dvc_stage(
     env: dict[str, str] | None = None,
     on_line: Callable[[str], None] = print,
     host: Any = None,
+    pull: bool = False,
 ) -> StageResult:
     """`dvc repro --single-item NAME` through DVC's API in this process: DVC decides, runs the command and writes
     dvc.lock exactly as the CLI does; the command itself runs in its own process group (see `_CommandRunner`)."""
@@ -295,7 +296,9 @@ def run_dvc_stage(
     reproduced: list[Any] = []
     with _dvc_runs_commands_with(runner), Repo(str(root)) as repo:
         try:
-            reproduced = repo.reproduce(_target(root, name), single_item=True, force=force, run_env=stage_env(env))
+            reproduced = repo.reproduce(
+                _target(root, name), single_item=True, force=force, run_env=stage_env(env), pull=pull
+            )
         except DvcException as err:
             error = err
             runner.line(f"ERROR: {err}{f': {err.__cause__}' if err.__cause__ else ''}")
@@ -327,18 +330,27 @@ def dvc_stage(
     env: dict[str, str],
     tracking: Any = None,
     host: Any = None,
+    pull: bool = False,
 ) -> Any:
-    """One DVC stage. A Completed state named Skipped/Restored when DVC did not run its command.
+    """One DVC stage. A Completed state named Skipped/Restored when DVC did not run its command; with `pull`
+    (a DVC remote is configured) DVC fetches missing outputs and run-cache hits instead of running it.
 
     With `tracking` (a `_ParentRun`), the stage's events come back through a spool directory and are logged here.
     """
     import shutil
     import uuid
 
+    from flows.remote import ingest_up_to_date
     from lmcore.tracking import SPOOL_ENV
 
     logger = get_run_logger()
     root = Path(workspace)
+    started = time.monotonic()
+    if not force and ingest_up_to_date(root, name):
+        logger.info("%s: outputs, code and params as in dvc.lock and the sources' fingerprints unchanged", name)
+        seconds = round(time.monotonic() - started, 3)
+        data = StageResult(name, "skipped", seconds, 0).summary()
+        return Completed(name="Skipped", message="up to date: sources unchanged", data=data)
     forwarder: Any = contextlib.nullcontext()
     spool = root / ".lmcycle" / "spool" / uuid.uuid4().hex
     if tracking is not None:
@@ -347,7 +359,15 @@ def dvc_stage(
     try:
         with forwarder:
             result = run_dvc_stage(
-                name, root, force=force, timeout_s=timeout_s, grace_s=grace_s, env=env, on_line=logger.info, host=host
+                name,
+                root,
+                force=force,
+                timeout_s=timeout_s,
+                grace_s=grace_s,
+                env=env,
+                on_line=logger.info,
+                host=host,
+                pull=pull,
             )
     finally:
         shutil.rmtree(spool, ignore_errors=True)
@@ -398,6 +418,16 @@ def register(
     return result
 
 
+@task(name="push", cache_policy=NO_CACHE)
+def dvc_push(workspace: str) -> dict[str, Any]:
+    """`dvc push --run-cache` to the workspace's default remote, so another host pulls instead of recomputing."""
+    from flows.remote import push
+
+    result = push(workspace)
+    get_run_logger().info("pushed %d file(s) to DVC remote %r (with the run cache)", result["pushed"], result["remote"])
+    return result
+
+
 def _register_in_host(
     runner: _CommandRunner, root: Path, parent_run_id: str | None, flow_run_id: str | None, timeout_s: float
 ) -> dict[str, Any]:
@@ -440,13 +470,16 @@ def lifecycle(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
     register_model: bool = True,
+    push: bool | None = None,
 ) -> dict[str, Any]:
     """Run the stage graph through DVC, then register the model and apply the promotion gate.
 
     `overrides` (section.key=value) are validated and written into params.yaml first, like `dvc exp run -S`;
-    `until` stops after that stage (and its upstream); `force` reruns the named stages even if up to date.
+    `until` stops after that stage (and its upstream); `force` reruns the named stages even if up to date;
+    `push` runs `dvc push --run-cache` at the end (None: when the workspace has a default DVC remote).
     """
     from flows.lifetime import wait_for_previous_stage
+    from flows.remote import should_push
     from lmcore.config import apply_overrides, read_params, validate
     from lmcore.tracking import tracking_enabled
     from lmcore.workspace import dvc_write_lock, workspace_lock
@@ -455,12 +488,15 @@ def lifecycle(
     root = Path(workspace).resolve()
     params_file = root / "params.yaml"
     lock_timeout = validate(read_params(params_file), str(params_file)).flow.lock_timeout_s
-    with workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
+    # In the workspace: DVC's run cache resolves the stages it restores against the working directory
+    # (StageCache._create_stage), so a restore from elsewhere (`lmcycle run --workspace DIR`) would fail.
+    with contextlib.chdir(root), workspace_lock(root, lock_timeout), _warm_stage_host(root) as host:
         wait_for_previous_stage(root, lock_timeout)
         with dvc_write_lock(root, params_file):  # never under a running `dvc repro`
             config = apply_overrides(list(overrides or []), params_file)
         order, upstream = stage_graph(root)
         selected = select_stages(order, upstream, until)
+        pushing = should_push(root, push)
         unknown = [s for s in force or [] if s not in upstream]
         if unknown:
             raise LmcycleError(
@@ -470,11 +506,13 @@ def lifecycle(
         report: dict[str, Any] = {"stages": [], "failed": "", "workspace": str(root)}
         status = "FAILED"
         try:
-            _run_graph(root, config, selected, set(force or []), run, report, host)
+            _run_graph(root, config, selected, set(force or []), run, report, host, pull=pushing)
             if register_model and until is None:
                 report["registration"] = (
                     _register(root, run, host) if run is not None else {"skipped": "tracking is off (LMCYCLE_TRACKING)"}
                 )
+            if pushing:
+                report["push"] = dvc_push(str(root))
             status = "FINISHED"
         except BaseException as err:
             report["failed"] = report["failed"] or f"{type(err).__name__}: {err}"
@@ -510,8 +548,9 @@ def _run_graph(
     run: _ParentRun | None,
     report: dict[str, Any],
     host: Any,
+    pull: bool = False,
 ) -> None:
-    """The selected stages in order; DVC decides for each whether it runs."""
+    """The selected stages in order; DVC decides for each whether it runs (with `pull`, whether the remote has it)."""
     from prefect.runtime import flow_run
 
     env = {"LMCYCLE_FLOW_RUN_ID": str(flow_run.id or "")}
@@ -527,6 +566,7 @@ def _run_graph(
             env,
             run,
             host,
+            pull,
             return_state=True,
         )
         seconds = round(time.monotonic() - started, 2)
@@ -696,6 +736,8 @@ def _markdown(root: Path, report: dict[str, Any], run: _ParentRun | None, rows: 
                 f"- gate: **{reg['decision']}**: {reg['reason']}",
                 f"- {reg['metric']}: challenger {reg['challenger_value']}, champion {champion}",
             ]
+    if report.get("push"):
+        lines += ["", f"DVC: pushed {report['push']['pushed']} file(s) to remote `{report['push']['remote']}`."]
     if run is not None:
         lines += ["", "## MLflow", "", f"- parent run `{run.run_id}`", f"- {run.link()}"]
     return "\n".join(lines) + "\n"

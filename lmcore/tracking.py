@@ -139,20 +139,59 @@ def _redact(uri: str) -> str:
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
-    url = uri.rstrip("/") + "/health"
+    """/health (exempt from auth) tells whether a server answers; one search with the credentials MLflow's client
+    would send (MLFLOW_TRACKING_TOKEN as a bearer token, else MLFLOW_TRACKING_USERNAME/PASSWORD as basic auth)
+    tells whether it accepts them."""
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 (the user's own tracking server)
-            return
+        with urllib.request.urlopen(base + "/health", timeout=timeout_s):  # noqa: S310 (the user's own server)
+            pass
     except urllib.error.HTTPError as err:
-        if err.code < 500:  # it answers; authentication problems surface with their own message later
-            return
-        raise TrackingError(f"MLFLOW_TRACKING_URI {_redact(uri)}: server error {err.code} on /health") from None
+        if err.code >= 500:
+            raise TrackingError(f"MLFLOW_TRACKING_URI {_redact(uri)}: server error {err.code} on /health") from None
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise TrackingError(
             f"MLFLOW_TRACKING_URI {_redact(uri)}: no answer within {timeout_s:g} s ({reason}); "
             "start the server or set LMCYCLE_TRACKING=off"
         ) from None
+    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1", headers=_auth_header())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise TrackingError(f"MLFLOW_TRACKING_URI {_redact(uri)}: {_refused(err.code)}") from None
+        if err.code >= 500:
+            raise TrackingError(f"MLFLOW_TRACKING_URI {_redact(uri)}: server error {err.code} on its API") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise TrackingError(f"MLFLOW_TRACKING_URI {_redact(uri)}: {getattr(err, 'reason', err)}") from None
+
+
+def _auth_header() -> dict[str, str]:
+    import base64
+
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _refused(code: int) -> str:
+    variables = (
+        "MLFLOW_TRACKING_TOKEN"
+        if os.environ.get("MLFLOW_TRACKING_TOKEN")
+        else "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+    )
+    if code == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        who = f"the user {user!r}" if user and "USERNAME" in variables else "this client"
+        return f"{who} has no permission on the server (403): ask its admin for access, or check {variables}"
+    if not _auth_header():
+        return "the server requires credentials (401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    return f"the server refused the credentials (401): check {variables}"
 
 
 def connect(root: str | Path, experiment: str) -> tuple[MlflowClient, str]:
