@@ -1,4 +1,5 @@
-"""Scheduling and serving helpers: a Prefect server that can schedule, `lmcycle serve`, and rebuilding a version.
+"""Scheduling and serving helpers: a Prefect server that can schedule, `lmcycle serve`, the `dvc_pull` deployment
+pull step, and rebuilding a version.
 
 Design choice: Prefect's ephemeral API (what `lmcycle run` uses when PREFECT_API_URL is unset) runs flows but
 never schedules them, so everything here requires a real `prefect server` — the user's (PREFECT_API_URL), or one
@@ -28,6 +29,10 @@ SERVER_START_TIMEOUT_S = 120.0
 
 class ServerError(LmcycleError):
     """No Prefect server to schedule on."""
+
+
+class PullError(LmcycleError):
+    """The DVC remote of a freshly cloned workspace could not be read."""
 
 
 def api_url() -> str | None:
@@ -139,3 +144,29 @@ def serve_lifecycle(
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(workspace)
         lifecycle.serve(name=name, cron=cron, parameters=parameters, limit=limit, print_starting_message=True)
+
+
+def dvc_pull(directory: str = ".", run_cache: bool = True) -> dict[str, str]:
+    """A prefect.yaml pull step (`flows.deploy.dvc_pull`) run by the worker after `git_clone`: fetch the outputs
+    and, with `run_cache`, DVC's run cache from the workspace's default DVC remote, so the flow restores what a
+    teammate's run already computed instead of recomputing it.
+
+    No default remote: nothing to pull (a one-machine workspace). An empty remote, or one missing some outputs, is
+    fine (`--allow-missing`): those stages run. A remote that cannot be read fails the run with one line. Returns
+    `{"directory": directory}`, so the flow runs in the clone.
+    """
+    dvc = [sys.executable, "-m", "dvc"]
+    run = dict(cwd=directory, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    remote = subprocess.run([*dvc, "remote", "default"], **run)
+    name = remote.stdout.strip()
+    if remote.returncode != 0 or not name:
+        print(f"dvc pull: no default DVC remote in {directory}: nothing to pull", flush=True)
+        return {"directory": directory}
+    cmd = [*dvc, "pull", "--allow-missing", *(["--run-cache"] if run_cache else [])]
+    proc = subprocess.run(cmd, **run)
+    lines = [line for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()]
+    if proc.returncode != 0:
+        why = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "")
+        raise PullError(f"dvc pull from remote {name!r} failed (exit code {proc.returncode}): {why}")
+    print(f"dvc pull from remote {name!r}: {lines[-1] if lines else 'done'}", flush=True)
+    return {"directory": directory}
