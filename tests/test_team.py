@@ -367,3 +367,18 @@ def test_lmcycle_run_with_a_wrong_prefect_auth_string_fails_with_one_clear_line(
     line = one_clear_line(proc, team)
     assert "prefect" in line.lower() and ("401" in line or "auth" in line.lower())
     assert not (root / "dvc.lock").exists()
+
+
+# --- without PostgreSQL --------------------------------------------------------------------------------------
+
+
+def test_without_postgresql_the_team_tests_skip_unless_they_are_required(monkeypatch):
+    import team_servers
+
+    monkeypatch.setattr(team_servers, "postgres_bin_dir", lambda: None)
+    monkeypatch.delenv("LMCYCLE_REQUIRE_TEAM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="PostgreSQL binaries"):
+        team_servers.require_team_servers()
+    monkeypatch.setenv("LMCYCLE_REQUIRE_TEAM", "1")
+    with pytest.raises(pytest.fail.Exception, match=r"LMCYCLE_REQUIRE_TEAM=1.*PostgreSQL binaries"):
+        team_servers.require_team_servers()
