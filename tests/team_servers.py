@@ -447,7 +447,8 @@ def deploy(team: Team, repo: TeamRepo, name: str) -> dict[str, Any]:
         else:
             team.prefect("/variables/", {"name": variable, "value": value})
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", name]
-    proc = subprocess.run(cmd, cwd=repo.clone1, env=team.client_env(), capture_output=True, text=True, timeout=300)
+    env = team.client_env(PWD=str(repo.clone1))  # a shell's $PWD there: what `{{ $PWD }}` in prefect.yaml reads
+    proc = subprocess.run(cmd, cwd=repo.clone1, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"prefect deploy:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return team.prefect(f"/deployments/name/lm-lifecycle/{name}")
 
