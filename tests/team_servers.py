@@ -372,7 +372,7 @@ def process_worker(team: Team, pool: str, folder: Path) -> Iterator[subprocess.P
     """A `process` work pool (created if missing) and `prefect worker start` polling it; stopped with SIGINT
     (a worker may ignore SIGTERM), then SIGKILL of its group after a grace period."""
     folder.mkdir(parents=True, exist_ok=True)
-    env = team.client_env()
+    env = team.client_env(PWD=str(folder))  # it runs in `folder`; $PWD must not name the folder the tests run in
     found = team.prefect("/work_pools/filter", {"work_pools": {"name": {"any_": [pool]}}})
     if not found:
         create = [sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"]
