@@ -438,18 +438,19 @@ def make_team_repo(base: Path, params: dict[str, Any], branch: str) -> TeamRepo:
 
 
 def deploy(team: Team, repo: TeamRepo, name: str) -> dict[str, Any]:
-    """The Prefect variables the pull steps read (repository, branch), then `prefect deploy -n NAME` run in
-    clone #1; the deployment as the server has it."""
+    """`prefect deploy -n NAME` run in clone #1, then the Prefect variables the pull steps read (repository,
+    branch): set only after deploying, so a run that clones shows they are resolved when it starts. The
+    deployment as the server has it."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", name]
+    env = team.client_env(PWD=str(repo.clone1))  # a shell's $PWD there: what `{{ $PWD }}` in prefect.yaml reads
+    proc = subprocess.run(cmd, cwd=repo.clone1, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"prefect deploy:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     for variable, value in {"lmcycle_repository": str(repo.bare), "lmcycle_branch": repo.branch}.items():
         existing = team.prefect("/variables/filter", {"variables": {"name": {"any_": [variable]}}})
         if existing:
             team.prefect(f"/variables/name/{variable}", {"value": value}, method="PATCH")
         else:
             team.prefect("/variables/", {"name": variable, "value": value})
-    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", name]
-    env = team.client_env(PWD=str(repo.clone1))  # a shell's $PWD there: what `{{ $PWD }}` in prefect.yaml reads
-    proc = subprocess.run(cmd, cwd=repo.clone1, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"prefect deploy:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return team.prefect(f"/deployments/name/lm-lifecycle/{name}")
 
 
