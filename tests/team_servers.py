@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +256,7 @@ class Team:
     mlflow_uri: str
     mlflow_user: str
     mlflow_password: str
-    artifacts: Path
-    folder: Path
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    artifacts: Path  # the folder the MLflow server proxies artifacts to (the "bucket")
 
     @property
     def prefect_credentials(self) -> tuple[str, str]:
@@ -360,7 +358,7 @@ def team_topology(folder: Path) -> Iterator[Team]:
         procs.append(mlflow_proc)
         wait_until(lambda: http_status(f"{api}/health") == 200, prefect_proc, prefect_log, "prefect server")
         wait_until(lambda: http_status(f"{uri}/health") == 200, mlflow_proc, mlflow_log, "mlflow server")
-        yield Team(pg, api, auth, uri, "admin", mlflow_password, folder / "mlflow" / "bucket", folder, procs)
+        yield Team(pg, api, auth, uri, "admin", mlflow_password, folder / "mlflow" / "bucket")
     finally:
         for proc in reversed(procs):
             stop(proc)
