@@ -204,6 +204,9 @@ def start_postgres(bin_dir: Path) -> Postgres:
     except subprocess.CalledProcessError as err:
         shutil.rmtree(folder, ignore_errors=True)
         raise RuntimeError(f"initdb failed ({err.returncode}):\n{err.stdout}\n{err.stderr}") from None
+    except BaseException:  # interrupted: leave nothing behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         pwfile.unlink(missing_ok=True)
     if os.geteuid() == 0:
