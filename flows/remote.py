@@ -127,20 +127,25 @@ def dvc_pull_step(directory: str = ".", run_cache: bool = True) -> dict[str, Any
 
     Use it after `set_working_directory` in prefect.yaml:
         - flows.remote.dvc_pull_step: {directory: "{{ $PWD }}"}
-    Returns {"remote", "fetched", "added", "modified"} (remote None when none is configured); raises RemoteError
+    Returns {"directory", "remote", "fetched", "added", "modified"} (remote None when none is configured; the
+    directory, so the flow runs in the clone whichever step comes last); raises RemoteError
     with one line only when the remote is configured but cannot be read (wrong path, credentials, network).
     """
     from dvc.repo import Repo
 
     remote = default_remote(directory)
     if remote is None:
-        return {"remote": None, "fetched": 0, "added": 0, "modified": 0}
+        return {"directory": directory, "remote": None, "fetched": 0, "added": 0, "modified": 0}
     try:
         with _quiet_dvc(), Repo(directory) as repo:
             stats = repo.pull(run_cache=run_cache, allow_missing=True).get("stats", {})
     except Exception as err:  # noqa: BLE001 (as in push)
         raise RemoteError(f"dvc pull from remote {remote!r} failed: {_one_line(err)}") from None
-    return {"remote": remote, **{k: int(stats.get(k, 0)) for k in ("fetched", "added", "modified")}}
+    return {
+        "directory": directory,
+        "remote": remote,
+        **{k: int(stats.get(k, 0)) for k in ("fetched", "added", "modified")},
+    }
 
 
 def ingest_up_to_date(root: str | Path, name: str) -> bool:

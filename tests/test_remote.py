@@ -80,7 +80,13 @@ def test_the_pull_step_tolerates_no_remote_and_an_empty_remote(tmp_path):
     _, origin = pipeline(tmp_path, remote=None)
     clone = tmp_path / "no-remote"
     sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    assert dvc_pull_step(str(clone)) == {"remote": None, "fetched": 0, "added": 0, "modified": 0}
+    assert dvc_pull_step(str(clone)) == {
+        "directory": str(clone),
+        "remote": None,
+        "fetched": 0,
+        "added": 0,
+        "modified": 0,
+    }
 
     for name, store in [("missing-dir", tmp_path / "nothing-here"), ("empty-dir", tmp_path / "empty")]:
         if name == "empty-dir":

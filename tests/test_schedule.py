@@ -41,14 +41,16 @@ def prefect(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def test_prefect_yaml_declares_a_nightly_process_deployment_of_the_flow():
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (nightly,) = [d for d in config["deployments"] if d["name"] == "nightly"]
-    assert nightly["entrypoint"] == "flows/lifecycle.py:lifecycle"
-    assert nightly["schedules"][0]["cron"] == "0 3 * * *"
-    assert set(nightly["parameters"]) == {"workspace", "until", "force", "overrides", "register_model"}
     from flows.lifecycle import FLOW_NAME, lifecycle
 
     assert lifecycle.name == FLOW_NAME == "lm-lifecycle"
-    assert set(nightly["parameters"]) == set(lifecycle.parameters.properties)
+    assert [d["name"] for d in config["deployments"]] == ["nightly", "nightly-local"]
+    for nightly in config["deployments"]:
+        assert nightly["entrypoint"] == "flows/lifecycle.py:lifecycle"
+        assert nightly["schedules"][0]["cron"] == "0 3 * * *"
+        assert set(nightly["parameters"]) == {"workspace", "until", "force", "overrides", "register_model"}
+        assert set(nightly["parameters"]) == set(lifecycle.parameters.properties)
+        assert nightly["parameters"]["workspace"] == "."
 
 
 @pytest.mark.slow
@@ -62,9 +64,14 @@ def test_deploy_all_then_a_worker_runs_a_triggered_flow_run(workspace_factory, p
     prefect("--no-prompt", "deploy", "--all", cwd=root, env=env)
     nightly = deployment(prefect_api, "lm-lifecycle", "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
-    assert nightly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(root)
+    assert "prefect.deployments.steps.git_clone" in nightly["pull_steps"][0]  # a team's (tests/test_team.py)
+    local = deployment(prefect_api, "lm-lifecycle", "nightly-local")
+    assert local["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    assert local["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]
 
-    out = prefect("deployment", "run", "lm-lifecycle/nightly", "--param", "until=ingest", cwd=root, env=env).stdout
+    out = prefect(
+        "deployment", "run", "lm-lifecycle/nightly-local", "--param", "until=ingest", cwd=root, env=env
+    ).stdout
     run_id = next(line.split("/")[-1] for line in out.splitlines() if "/runs/flow-run/" in line).strip()
     # --run-once: poll once, run what is due (our run; the nightly ones are hours away), then exit
     worker = subprocess.Popen(
