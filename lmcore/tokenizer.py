@@ -26,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmcore.config import SPECIAL_TOKENS, TokenizerConfig
+from lmcore.diskspace import writing
 from lmcore.errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
@@ -166,21 +167,28 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: Any = np.int64) ->
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it replaces `target` in one rename.
 
-    On error the temporary directory is removed and `target` is left as it was.
+    On error the temporary directory is removed and `target` is left as it was; a full disk is reported as a
+    DiskFullError naming `target`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        yield tmp
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         old = target.with_name(f"{tmp.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            yield tmp
+            if target.exists():
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old.exists() and not target.exists():
+                    os.replace(old, target)  # put the previous version back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def to_transformers(tok: Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
