@@ -90,7 +90,7 @@ def stage(
         summary = run_stage(name, params)
     except LmcycleError as err:
         raise fail(str(err)) from None
-    except OSError as err:  # a full disk outside the writers that name their path
+    except Exception as err:  # a full disk outside the writers that name their path
         from lmcore.diskspace import disk_full_error
 
         if (full := disk_full_error(err, None)) is None:

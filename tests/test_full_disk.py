@@ -99,7 +99,7 @@ def _assert_one_line_full(proc: subprocess.CompletedProcess, path: str) -> str:
     return line
 
 
-STEPS = {"steps": 20, "eval_every": 10, "checkpoint_every": 10}
+STEPS = {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "log_every": 2}
 
 
 def test_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resumes(pretrained_workspace, tmp_path, tmpfs):
@@ -107,28 +107,28 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resumes(pre
 
     ws = copy_workspace(pretrained_workspace, tmp_path / "ws", pretrain=STEPS)
     one = _usage(pretrained_workspace / "models" / "pretrain" / "checkpoint")
-    mount = tmpfs("ckpt", one * 3 // 2 // PAGE * PAGE)  # step 10 fits; step 20 beside it does not
+    mount = tmpfs("ckpt", one * 3 // 2 // PAGE * PAGE)  # step 2 fits; step 4 beside it does not
     _move_to(ws / "checkpoints", mount)
     params = (ws / "params.yaml").read_bytes()
     models = _digests(ws / "models")
 
     proc = _stage("pretrain", ws)
-    line = _assert_one_line_full(proc, "checkpoints/pretrain/step_0000020")
-    assert "checkpoints/pretrain/step_0000010 kept" in line, line
+    line = _assert_one_line_full(proc, "checkpoints/pretrain/step_0000004")
+    assert "checkpoints/pretrain/step_0000002 kept" in line, line
     assert _leftovers(ws, mount) == []
     assert (ws / "params.yaml").read_bytes() == params
     assert _digests(ws / "models") == models  # the previous run's exported model is untouched
     root = ws / "checkpoints" / "pretrain"
-    assert sorted(p.name for p in root.iterdir()) == ["step_0000010"]
-    assert ckpt.verify(root / "step_0000010")["step"] == 10
-    assert ckpt.load_weights(root / "step_0000010")
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002"]
+    assert ckpt.verify(root / "step_0000002")["step"] == 2
+    assert ckpt.load_weights(root / "step_0000002")
 
     _resize(mount, one * 4)
     proc = _stage("pretrain", ws)
     assert proc.returncode == 0, proc.stderr
-    assert "resuming from" in proc.stderr and "step_0000010 (step 10)" in proc.stderr, proc.stderr
-    assert ckpt.verify(root / "step_0000020")["step"] == 20
-    assert ckpt.verify(ws / "models" / "pretrain" / "checkpoint")["step"] == 20
+    assert "resuming from" in proc.stderr and "step_0000002 (step 2)" in proc.stderr, proc.stderr
+    assert ckpt.verify(root / "step_0000004")["step"] == 4
+    assert ckpt.verify(ws / "models" / "pretrain" / "checkpoint")["step"] == 4
     assert _leftovers(ws, mount) == []
 
 
@@ -152,7 +152,7 @@ def test_full_disk_while_exporting_keeps_the_previous_model(pretrained_workspace
     _resize(mount, 4 * (_usage(mount) + ckpt_usage))
     proc = _stage("pretrain", ws)
     assert proc.returncode == 0, proc.stderr
-    assert "step_0000020 (step 20)" in proc.stderr, proc.stderr  # resumed from the finished run's checkpoint
+    assert "step_0000004 (step 4)" in proc.stderr, proc.stderr  # resumed from the finished run's checkpoint
     assert _digests(pretrain / "hf") != old_hf
     from transformers import AutoModelForCausalLM
 
