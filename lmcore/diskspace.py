@@ -44,7 +44,7 @@ def disk_full_error(err: BaseException, path: str | os.PathLike | None, hint: st
     if code is None:
         return None
     where = path if path is not None else getattr(err, "filename", None) or "."
-    detail = f"{NO_SPACE[code]} ({_free(where)} free{'; ' + hint if hint else ''})"
+    detail = f"{NO_SPACE[code]} ({_free(where)} free once the partial write was removed{'; ' + hint if hint else ''})"
     return DiskFullError(f"{where}: {detail}")
 
 
