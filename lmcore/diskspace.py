@@ -43,9 +43,17 @@ def disk_full_error(err: BaseException, path: str | os.PathLike | None, hint: st
     code = space_errno(err)
     if code is None:
         return None
-    where = path if path is not None else getattr(err, "filename", None) or "."
+    where = shown(path if path is not None else getattr(err, "filename", None) or ".")
     detail = f"{NO_SPACE[code]} ({_free(where)} free once the partial write was removed{'; ' + hint if hint else ''})"
     return DiskFullError(f"{where}: {detail}")
+
+
+def shown(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies under it (the workspace, for a stage), else as is."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _free(path: str | os.PathLike) -> str:
