@@ -113,6 +113,12 @@ def stage(
         summary = run_stage(name, params)
     except LmcycleError as err:
         raise fail(str(err)) from None
+    except Exception as err:  # a full disk outside the writers that name their path
+        from lmcore.diskspace import disk_full_error
+
+        if (full := disk_full_error(err, None)) is None:
+            raise
+        raise fail(str(full)) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone speaks
         print_summary(f"stage {name}", summary)
 

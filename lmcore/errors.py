@@ -15,3 +15,7 @@ class DataError(LmcycleError):
 
 class CheckpointError(LmcycleError):
     """A checkpoint or model directory that cannot be used."""
+
+
+class DiskFullError(LmcycleError):
+    """A write ran out of space (ENOSPC) or quota (EDQUOT): the message names the path being written."""

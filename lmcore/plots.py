@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmcore.diskspace import writing
+
 
 def _pyplot():
     import matplotlib
@@ -48,8 +50,9 @@ def plot_training_curves(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, metadata={"Software": None})
-        os.replace(tmp, path)
+        with writing(path):
+            fig.savefig(tmp, dpi=100, metadata={"Software": None})
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

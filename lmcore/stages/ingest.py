@@ -43,6 +43,7 @@ from lmcore.data.records import (
 )
 from lmcore.data.sources import ResolvedSource, resolve
 from lmcore.data.split import NgramOverlap, content_digest, content_id, is_val
+from lmcore.diskspace import writing
 from lmcore.errors import ConfigError, DataError
 from lmcore.paths import Paths
 from lmcore.reporting import reporter
@@ -238,17 +239,18 @@ def run(config: Config, paths: Paths) -> dict[str, Any]:
     started = time.perf_counter()
     paths.ingest.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(paths.ingest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{paths.ingest.name}.tmp-", dir=paths.ingest.parent))
-    try:
-        kinds = {
-            kind: _ingest_kind(kind, getattr(data, kind), data, tmp / kind, paths.root)
-            for kind in KINDS
-            if getattr(data, kind)
-        }
-        _replace_dir(tmp, paths.ingest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(paths.ingest):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{paths.ingest.name}.tmp-", dir=paths.ingest.parent))
+        try:
+            kinds = {
+                kind: _ingest_kind(kind, getattr(data, kind), data, tmp / kind, paths.root)
+                for kind in KINDS
+                if getattr(data, kind)
+            }
+            _replace_dir(tmp, paths.ingest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     report_path = paths.report("ingest")
     atomic_write_text(report_path, json.dumps(kinds, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     _log_inputs(kinds)

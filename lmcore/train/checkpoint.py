@@ -154,7 +154,8 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # one key: the header is byte-stable
-        torch.save(trainer, tmp / TRAINER_FILE)
+        with (tmp / TRAINER_FILE).open("wb") as f:  # a Python file: a full disk shows as OSError(ENOSPC)
+            torch.save(trainer, f)
         (tmp / HISTORY_FILE).write_text(json.dumps(history, sort_keys=True), encoding="utf-8")
         files = {}
         for name in (MODEL_FILE, TRAINER_FILE, HISTORY_FILE):

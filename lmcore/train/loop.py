@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcore.diskspace import shown, writing
 from lmcore.errors import LmcycleError
 from lmcore.train import checkpoint as ckpt
 from lmcore.train.compile import compile_choice, compile_model, eager
@@ -208,7 +209,9 @@ def train(
         nonlocal last_checkpoint
         if checkpoint_dir is None:
             return None
-        path = _save(model, optimizer, state, env, checkpoint_dir, fingerprint, meta or {}, cfg.keep_checkpoints)
+        kept = f"last good checkpoint {shown(last_checkpoint)} kept" if last_checkpoint else "no checkpoint kept"
+        with writing(checkpoint_dir / ckpt.step_dir_name(step), hint=f"{kept}; free space and rerun to resume"):
+            path = _save(model, optimizer, state, env, checkpoint_dir, fingerprint, meta or {}, cfg.keep_checkpoints)
         last_checkpoint = path or last_checkpoint
         if env.is_main and path is not None:
             for cb in callbacks:
