@@ -325,6 +325,8 @@ with warnings.catch_warnings():
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
+    if not path.isprintable():  # a key with a newline or control character: show it escaped, on one line
+        path = repr(path)[1:-1]
     kind = first["type"]
     if kind == "extra_forbidden":
         return f"{path}: unknown key in {source}"
@@ -334,6 +336,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     if "input" in first and kind not in {"value_error"} and not isinstance(first["input"], dict | list):
         msg = f"{msg}, got {first['input']!r}"
     msg = msg.replace("greater than or equal to", "≥").replace("less than or equal to", "≤")
+    msg = " ".join(msg.split())  # pydantic's messages and inputs can span lines
     return f"{path}: {msg}" if path else f"{source}: {msg}"
 
 

@@ -271,7 +271,14 @@ def test_no_credential_appears_in_any_run_artifact_param_tag_or_flow_run_log(
 # --- a second run, a teammate's run restored from the DVC remote -------------------------------------------
 
 
-def test_a_second_deployment_run_restores_every_stage_from_the_dvc_remote(
+# DVC keeps no run cache for an always-changed stage (ingest) nor for one with uncached outputs (evaluate's samples
+# and predictions), so a fresh clone whose dvc.lock predates the first run (the worker's folder goes away with the
+# run; nothing commits dvc.lock back) reruns those two, cheaply and with the same outputs; every training stage
+# comes back from the remote.
+RERUN_IN_A_FRESH_CLONE = {"ingest", "evaluate"}
+
+
+def test_a_second_deployment_run_restores_every_training_stage_from_the_dvc_remote(
     team: Team,
     team_repo: TeamRepo,
     first_run: dict[str, Any],
@@ -284,7 +291,11 @@ def test_a_second_deployment_run_restores_every_stage_from_the_dvc_remote(
 
     stages, _ = stage_graph(team_repo.clone1)
     states = task_states(team, flow_run["id"])
-    assert {name: states.get(name) in {"Skipped", "Restored"} for name in stages} == dict.fromkeys(stages, True), states
+    restored = [name for name in stages if name not in RERUN_IN_A_FRESH_CLONE]
+    assert {"pretrain", "finetune"} <= set(restored)
+    assert {name: states.get(name) in {"Skipped", "Restored"} for name in restored} == dict.fromkeys(restored, True), (
+        states
+    )
     summary = summary_markdown(team, flow_run["id"])
     assert re.search(r"Workspace `([^`]+)`", summary).group(1) != re.search(
         r"Workspace `([^`]+)`", summary_markdown(team, first_run["id"])
