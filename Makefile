@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 LOCK := requirements.lock
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast lint lock bench clean
+.PHONY: install run test test-fast lint mutate lock bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,16 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# Mutation testing of the promotion gate's decision (pyproject [tool.mutmut]): every mutant of `better` and
+# `gate_decision` in lmcore/registry.py must be killed by the fast unit tests of tests/test_gate.py.
+GATE_MUTANTS := 'lmcore.registry.x_better__mutmut_*' 'lmcore.registry.x_gate_decision__mutmut_*'
+mutate: install
+	rm -rf mutants
+	$(BIN)/mutmut run $(GATE_MUTANTS) | tail -n +2 | grep -v '^🎉'
+	@if $(BIN)/mutmut results | grep -E 'x_(better|gate_decision)__mutmut_[0-9]+: '; then \
+		echo "error: surviving mutants in the gate's decision (above)"; exit 1; fi
+	@echo "all mutants of the gate's decision killed"
+
 # Regenerate the lock from the current environment (local build labels such as +cpu stripped).
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//' > $(LOCK)
@@ -41,4 +51,4 @@ bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf data models checkpoints reports/*/ .pytest_cache
+	rm -rf data models checkpoints reports/*/ .pytest_cache mutants

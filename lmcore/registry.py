@@ -566,6 +566,29 @@ def better(challenger: float, champion: float, direction: str, min_improvement: 
     return challenger > champion + min_improvement
 
 
+def gate_decision(
+    metric: str,
+    value: float,
+    direction: str,
+    min_improvement: float,
+    champion_version: str | None,
+    champion_value: float | None,
+    how: str,
+) -> tuple[str, str]:
+    """(decision, reason) of the gate for a challenger scoring `value` against the champion's score on the same
+    data (None when it could not be scored, `how` then says why): pure, so every boundary is unit-tested."""
+    if champion_version is None:
+        return "first", "no champion yet: the first version becomes champion"
+    if champion_value is None:
+        return "rejected", how
+    if better(value, champion_value, direction, min_improvement):
+        return "promoted", f"{metric} {value:.6g} beats champion v{champion_version} {champion_value:.6g} ({how})"
+    return "rejected", (
+        f"{metric} {value:.6g} does not beat champion v{champion_version} {champion_value:.6g} "
+        f"by more than {min_improvement:g} ({direction}; {how})"
+    )
+
+
 def apply_gate(
     client: MlflowClient, paths: Paths, config: Config, version: ModelVersion, cand: Candidate, reused: bool
 ) -> Registration:
@@ -575,24 +598,17 @@ def apply_gate(
     client.set_registered_model_alias(name, gate.challenger_alias, version.version)
     champion = _alias_version(client, name, gate.champion_alias)
     champion_value: float | None = None
-    if champion is None:
-        decision, reason = "first", "no champion yet: the first version becomes champion"
-    elif str(champion.version) == str(version.version):
+    if champion is not None and str(champion.version) == str(version.version):
         decision, reason = "kept", "this version already holds the champion alias"
         champion_value = value
     else:
-        champion_value, how = champion_score(champion, paths, config, cand)
-        if champion_value is None:
-            decision, reason = "rejected", how
-        elif better(value, champion_value, cand.direction, gate.min_improvement):
-            decision = "promoted"
-            reason = f"{metric} {value:.6g} beats champion v{champion.version} {champion_value:.6g} ({how})"
-        else:
-            decision = "rejected"
-            reason = (
-                f"{metric} {value:.6g} does not beat champion v{champion.version} {champion_value:.6g} "
-                f"by more than {gate.min_improvement:g} ({cand.direction}; {how})"
-            )
+        how = ""
+        if champion is not None:
+            champion_value, how = champion_score(champion, paths, config, cand)
+        champion_version = str(champion.version) if champion is not None else None
+        decision, reason = gate_decision(
+            metric, value, cand.direction, gate.min_improvement, champion_version, champion_value, how
+        )
     if decision in {"first", "promoted"}:
         set_champion(client, name, version.version, gate.champion_alias)
     record = {
