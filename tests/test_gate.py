@@ -19,7 +19,7 @@ from conftest import copy_workspace, deep_update, lmcycle
 from lmcore.config import load_config
 from lmcore.gate import apply_floor, quality_floor, settings_fingerprint
 from lmcore.paths import Paths
-from lmcore.registry import better, gate_decision, register_model
+from lmcore.registry import better, champion_history, gate_decision, register_model
 
 HOW = "same eval data"
 
@@ -258,3 +258,108 @@ def test_changing_sft_max_examples_rescores_the_champion(evaluated_workspace, tm
     result = register(paths)
     assert "re-scored" in result.reason
     assert result.champion_value is not None and result.champion_value != 9.0  # not the recorded value
+
+
+def below_bigram(root: Path, by: float) -> float:
+    """Set the report's val_bpb `by` bits under the real bigram baseline (above the floor); returns it."""
+    report = json.loads((root / "reports" / "evaluate.json").read_text())
+    value = report["pretrain.bigram_bpb"] - by
+    set_report(root, **{"pretrain.val_bpb": value})
+    return value
+
+
+@pytest.mark.slow
+def test_a_changed_gate_decides_again_instead_of_reusing_the_old_decision(evaluated_workspace, tmp_path, client):
+    paths = gate_workspace(evaluated_workspace, tmp_path / "ws", "gate-reuse", "a")
+    below_bigram(paths.root, 0.5)
+    assert register(paths).decision == "first"
+
+    set_lineage(paths.root, "b")
+    below_bigram(paths.root, 0.7)  # better by 0.2, less than the minimum
+    set_params(paths.root, register={"min_improvement": 0.5})
+    assert (register(paths).version, register(paths).decision) == ("2", "rejected")
+
+    set_params(paths.root, register={"min_improvement": 0.0})  # same model and lineage, another gate
+    again = register(paths)
+    assert (again.version, again.reused, again.decision) == ("2", True, "promoted")
+    assert alias(client, "gate-reuse", "champion") == "2"
+    assert len(client.search_model_versions("name='gate-reuse'")) == 2
+
+
+@pytest.mark.slow
+def test_a_registration_stopped_after_creating_the_version_is_completed_not_duplicated(
+    evaluated_workspace, tmp_path, client, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    paths = gate_workspace(evaluated_workspace, tmp_path / "ws", "gate-killed", "a")
+    below_bigram(paths.root, 0.5)
+
+    def killed(*args, **kwargs):  # the process dies at its first write after the version exists
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", killed)
+        with pytest.raises(KeyboardInterrupt):
+            register(paths)
+    versions = client.search_model_versions("name='gate-killed'")
+    assert len(versions) == 1 and "lmcycle.gate.decision" not in versions[0].tags
+    assert versions[0].tags["lmcycle.dvc_lock_hash"]  # born with its lineage: the next run finds it
+
+    result = register(paths)
+    assert (result.version, result.reused) == ("1", True)
+    assert result.decision == "kept"  # the alias had moved before the stop; the gate's record is now complete
+    assert client.get_model_version("gate-killed", "1").tags["lmcycle.gate.decision"] == "kept"
+    assert len(client.search_model_versions("name='gate-killed'")) == 1
+    assert alias(client, "gate-killed", "champion") == "1"
+
+
+REGISTER_SCRIPT = """
+import sys
+from lmcore.config import load_config
+from lmcore.paths import Paths
+from lmcore.registry import register_model
+paths = Paths.of(sys.argv[1])
+result = register_model(paths, load_config(paths.root / "params.yaml"))
+print(result.version, result.decision)
+"""
+
+
+@pytest.mark.slow
+def test_two_registrations_at_once_leave_the_better_one_champion_and_the_history_whole(
+    evaluated_workspace, tmp_path, client
+):
+    """Two real processes register two versions of different quality on one sqlite store at once, two rounds."""
+    import sys
+
+    name = "gate-race"
+    rounds = [(0.5, 1.0), (1.3, 1.2)]  # bits under the bigram: larger is better
+    best = 0.0
+    for number, margins in enumerate(rounds):
+        workspaces = []
+        for i, margin in enumerate(margins):
+            paths = gate_workspace(evaluated_workspace, tmp_path / f"ws{number}{i}", name, f"{number}-{i}")
+            below_bigram(paths.root, margin)
+            workspaces.append(paths.root)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", REGISTER_SCRIPT, str(root)], stdout=subprocess.PIPE, text=True)
+            for root in workspaces
+        ]
+        try:
+            outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert all(proc.returncode == 0 for proc in procs), outputs
+        best = max(best, *margins)
+        versions = client.search_model_versions(f"name='{name}'")
+        bigram = json.loads((evaluated_workspace / "reports" / "evaluate.json").read_text())["pretrain.bigram_bpb"]
+        by_margin = {round(bigram - float(v.tags["lmcycle.gate.value"]), 6): str(v.version) for v in versions}
+        champion = alias(client, name, "champion")
+        assert champion == by_margin[round(best, 6)], (outputs, by_margin)
+        history = champion_history(client, name)
+        promoted = {str(v.version) for v in versions if v.tags["lmcycle.gate.decision"] in {"first", "promoted"}}
+        assert set(history) == promoted and history[-1] == champion
+        assert "lmcycle.gate_lease" not in client.get_registered_model(name).tags  # released
