@@ -121,6 +121,17 @@ def _read_lease(client: MlflowClient, name: str) -> tuple[str, float] | None:
         return None
 
 
+def _write_lease(client: MlflowClient, name: str, value: str) -> bool:
+    """Write the lease tag; False when a concurrent writer won (a store may refuse two inserts of one tag)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_tag(name, LEASE_TAG, value)
+    except MlflowException:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def gate_lease(
     client: MlflowClient, name: str, ttl_s: float = 120.0, settle_s: float = 0.5, wait_s: float = 300.0
@@ -131,8 +142,7 @@ def gate_lease(
     deadline = time.monotonic() + wait_s
     while True:
         lease = _read_lease(client, name)
-        if lease is None or lease[1] < time.time():
-            client.set_registered_model_tag(name, LEASE_TAG, f"{owner}@{time.time() + ttl_s}")
+        if (lease is None or lease[1] < time.time()) and _write_lease(client, name, f"{owner}@{time.time() + ttl_s}"):
             time.sleep(settle_s)
             lease = _read_lease(client, name)
             if lease is not None and lease[0] == owner:

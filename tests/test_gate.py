@@ -315,12 +315,20 @@ def test_a_registration_stopped_after_creating_the_version_is_completed_not_dupl
 
 
 REGISTER_SCRIPT = """
-import sys
+import sys, time
+from pathlib import Path
 from lmcore.config import load_config
 from lmcore.paths import Paths
-from lmcore.registry import register_model
+from lmcore.registry import _log_and_register, candidate, register_model
+from lmcore.tracking import connect
 paths = Paths.of(sys.argv[1])
-result = register_model(paths, load_config(paths.root / "params.yaml"))
+config = load_config(paths.root / "params.yaml")
+client, experiment_id = connect(paths.root, config.project.experiment)
+_log_and_register(client, experiment_id, paths, config, candidate(paths, config), None, None)  # the slow part
+Path(sys.argv[1], "ready").touch()
+while not Path(sys.argv[2]).exists():  # both gates start together
+    time.sleep(0.005)
+result = register_model(paths, config)  # finds its version by lineage and runs the gate
 print(result.version, result.decision)
 """
 
@@ -331,6 +339,7 @@ def test_two_registrations_at_once_leave_the_better_one_champion_and_the_history
 ):
     """Two real processes register two versions of different quality on one sqlite store at once, two rounds."""
     import sys
+    import time
 
     name = "gate-race"
     rounds = [(0.5, 1.0), (1.3, 1.2)]  # bits under the bigram: larger is better
@@ -341,11 +350,17 @@ def test_two_registrations_at_once_leave_the_better_one_champion_and_the_history
             paths = gate_workspace(evaluated_workspace, tmp_path / f"ws{number}{i}", name, f"{number}-{i}")
             below_bigram(paths.root, margin)
             workspaces.append(paths.root)
+        go = tmp_path / f"go{number}"
         procs = [
-            subprocess.Popen([sys.executable, "-c", REGISTER_SCRIPT, str(root)], stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", REGISTER_SCRIPT, str(root), str(go)], stdout=subprocess.PIPE, text=True
+            )
             for root in workspaces
         ]
         try:
+            while not all((root / "ready").exists() for root in workspaces) and all(p.poll() is None for p in procs):
+                time.sleep(0.05)
+            go.touch()
             outputs = [proc.communicate(timeout=600)[0] for proc in procs]
         finally:
             for proc in procs:
