@@ -267,6 +267,11 @@ class RegisterConfig(Section):
     min_improvement: float = Field(0.0, ge=0.0, description="the challenger must be better by more than this")
     challenger_alias: str = Field("challenger", min_length=1)
     champion_alias: str = Field("champion", min_length=1)
+    quality_floor: bool = Field(
+        True,
+        description="a version that does not beat its trivial baseline (bigram, majority class, base model) "
+        "is registered as challenger but never becomes champion",
+    )
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> RegisterConfig:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmcycleError
+from lmcore.gate import apply_floor, baseline_kind, gate_lease, gate_params_hash, gate_record
 from lmcore.weights import verify_weights, weights_digest, weights_tags
 from lmcore.workspace import (
     data_fingerprints,
@@ -262,13 +263,16 @@ def eval_metrics(paths: Paths) -> tuple[dict[str, float], Path | None, dict[str,
     return numeric(flat), found, flat
 
 
-def eval_fingerprint(paths: Paths, flat: dict[str, Any], metric: str) -> str:
+def eval_fingerprint(paths: Paths, flat: dict[str, Any], metric: str, config: Config) -> str:
     """What a metric was computed on: the report's `<section>.data_fingerprint` (evaluate.json hashes the held-out
-    text of each section), else DVC's hash of the held-out pretraining text (bits-per-byte does not depend on the
-    tokenizer, so only the text matters)."""
-    declared = flat.get(f"{metric.split('.')[0]}.data_fingerprint")
+    text of each section) with the settings that change that section's numbers (lmcore.gate), else DVC's hash of
+    the held-out pretraining text (bits-per-byte does not depend on the tokenizer, so only the text matters)."""
+    from lmcore.gate import settings_fingerprint
+
+    section = metric.split(".")[0]
+    declared = flat.get(f"{section}.data_fingerprint")
     if isinstance(declared, str):
-        return declared
+        return settings_fingerprint(declared, section, config)
     val = paths.split_file("pretrain", "val")
     rel = val.relative_to(paths.root).as_posix()
     return dvc_hash(paths.root, rel) or (file_sha256(val) or "none")[:32]
@@ -315,7 +319,7 @@ def candidate(paths: Paths, config: Config) -> Candidate:
         stage=stage,
         metrics=metrics,
         metrics_file=report,
-        eval_fingerprint=eval_fingerprint(paths, flat, metric),
+        eval_fingerprint=eval_fingerprint(paths, flat, metric, config),
         metric=metric,
         direction=direction,
     )
@@ -383,8 +387,8 @@ def register_model(
     name = config.project.registered_model
     lock_hash = dvc_lock_hash(paths.root)
     existing = find_by_lineage(client, name, lock_hash) if lock_hash != "none" else None  # no dvc.lock: no lineage
-    if existing is not None and existing.tags.get(f"{TAG}gate.decision"):
-        return _registration_from_tags(existing, reused=True)
+    if existing is not None and existing.tags.get(f"{TAG}gate.params_hash") == gate_params_hash(config):
+        return _registration_from_tags(existing, reused=True)  # same model, same gate: the recorded decision
     cand = candidate(paths, config)
     version = existing or _log_and_register(client, experiment_id, paths, config, cand, parent_run_id, flow_run_id)
     return apply_gate(client, paths, config, version, cand, reused=existing is not None)
@@ -428,14 +432,11 @@ def _log_and_register(
                 pip_requirements=pip_requirements(),
                 input_example=input_example(cand.task),
                 model_card=_model_card(cand.model_dir),
-                registered_model_name=name,
-                await_registration_for=60,
             )
         _link_weights(client, info, cand.model_dir)
-        version = client.get_model_version(name, str(info.registered_model_version))
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version.version, key, value)
-        client.set_model_version_tag(name, version.version, f"{TAG}run_id", run.info.run_id)
+        # the lineage tags go in with the version itself: a kill cannot leave an untagged version behind
+        tags = {**tags, f"{TAG}run_id": run.info.run_id}
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=60, tags=tags)
         client.update_model_version(name, version.version, description=_description(cand, tags))
         status = "FINISHED"
         return client.get_model_version(name, version.version)
@@ -592,34 +593,34 @@ def gate_decision(
 def apply_gate(
     client: MlflowClient, paths: Paths, config: Config, version: ModelVersion, cand: Candidate, reused: bool
 ) -> Registration:
-    """Alias the new version `challenger`; move `champion` to it only if it beats the champion on the same data."""
+    """Alias the new version `challenger`; move `champion` to it only if it beats the champion on the same data
+    and its own trivial baseline (lmcore.gate). Runs under the registered model's gate lease, so two registrations
+    at once compare against each other's outcome and neither drops a champion-history entry."""
     gate = config.register
-    name, metric, value = version.name, cand.metric, cand.value
-    client.set_registered_model_alias(name, gate.challenger_alias, version.version)
-    champion = _alias_version(client, name, gate.champion_alias)
-    champion_value: float | None = None
-    if champion is not None and str(champion.version) == str(version.version):
-        decision, reason = "kept", "this version already holds the champion alias"
-        champion_value = value
-    else:
-        how = ""
-        if champion is not None:
-            champion_value, how = champion_score(champion, paths, config, cand)
-        champion_version = str(champion.version) if champion is not None else None
-        decision, reason = gate_decision(
-            metric, value, cand.direction, gate.min_improvement, champion_version, champion_value, how
-        )
-    if decision in {"first", "promoted"}:
-        set_champion(client, name, version.version, gate.champion_alias)
-    record = {
-        "decision": decision,
-        "reason": reason,
-        "challenger_value": repr(value),
-        "champion_version": str(champion.version) if champion else "none",
-        "champion_value": repr(champion_value) if champion_value is not None else "none",
-    }
-    for key, val in record.items():
-        client.set_model_version_tag(name, version.version, f"{TAG}gate.{key}", val)
+    name, value = version.name, cand.value
+    with gate_lease(client, name):
+        client.set_registered_model_alias(name, gate.challenger_alias, version.version)
+        champion = _alias_version(client, name, gate.champion_alias)
+        champion_value: float | None = None
+        if champion is not None and str(champion.version) == str(version.version):
+            decision, reason = "kept", "this version already holds the champion alias"
+            champion_value = value
+        else:
+            how = ""
+            if champion is not None:
+                champion_value, how = champion_score(champion, paths, config, cand)
+            champion_version = str(champion.version) if champion is not None else None
+            decision, reason = gate_decision(
+                cand.metric, value, cand.direction, gate.min_improvement, champion_version, champion_value, how
+            )
+            kind = baseline_kind(cand.task, cand.stage)
+            decision, reason = apply_floor(decision, reason, gate.quality_floor, kind, cand.metrics)
+        if decision in {"first", "promoted"}:
+            set_champion(client, name, version.version, gate.champion_alias)
+        record = gate_record(decision, reason, value, champion, champion_value)
+        record["params_hash"] = gate_params_hash(config)  # last: marks the decision complete, for reuse
+        for key, val in record.items():
+            client.set_model_version_tag(name, version.version, f"{TAG}gate.{key}", val)
     return _registration_from_tags(client.get_model_version(name, version.version), reused=reused)
 
 
