@@ -95,7 +95,7 @@ def test_the_pull_step_tolerates_no_remote_and_an_empty_remote(tmp_path):
         sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
         sh("dvc", "remote", "add", "-d", "store", str(store), cwd=clone)
         result = dvc_pull_step(str(clone))  # dvc.lock names outputs the remote does not have: not an error
-        assert result == {"remote": "store", "fetched": 0, "added": 0, "modified": 0}
+        assert result == {"directory": str(clone), "remote": "store", "fetched": 0, "added": 0, "modified": 0}
         assert not (clone / "two.txt").exists()
 
 

@@ -48,7 +48,7 @@ def test_prefect_yaml_declares_a_nightly_process_deployment_of_the_flow():
     for nightly in config["deployments"]:
         assert nightly["entrypoint"] == "flows/lifecycle.py:lifecycle"
         assert nightly["schedules"][0]["cron"] == "0 3 * * *"
-        assert set(nightly["parameters"]) == {"workspace", "until", "force", "overrides", "register_model"}
+        assert set(nightly["parameters"]) == {"workspace", "until", "force", "overrides", "register_model", "push"}
         assert set(nightly["parameters"]) == set(lifecycle.parameters.properties)
         assert nightly["parameters"]["workspace"] == "."
 
