@@ -270,6 +270,22 @@ def environment_tags(root: Path) -> dict[str, str]:
 # --- the reporter ------------------------------------------------------------------------------------------
 
 
+def _is_outage(err: BaseException) -> bool:
+    """Whether a tracking call failed because the server did not answer (refused, unreachable, timed out, 5xx)."""
+    if isinstance(err, OSError | TimeoutError):
+        return True
+    with contextlib.suppress(ImportError):
+        import requests
+
+        if isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+    from mlflow.exceptions import RestException
+
+    if isinstance(err, RestException) and err.get_http_status_code() >= 500:  # the server answered, but broken
+        return True
+    return str(err).startswith("API request to")  # MLflow's REST client: no answer, or a non-JSON error page
+
+
 def _survives_outage(method: Any) -> Any:
     """A reporter call that drops its events, with one warning, while the tracking server does not answer."""
 
@@ -281,7 +297,9 @@ def _survives_outage(method: Any) -> Any:
             return
         try:
             method(self, *args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any failure of the tracking server, never of the work
+        except Exception as err:
+            if not _is_outage(err):  # a refused call (a bad value, a locked sqlite store) raises as ever
+                raise
             if self._down_since is None:
                 reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
                 log.warning("tracking: MLflow did not answer (%s); the work goes on, its events are dropped", reason)
