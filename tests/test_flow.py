@@ -370,7 +370,8 @@ def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory,
     mismatch = run_cli("reproduce", uri, "--run", "--dir", str(tmp_path / "re2"), cwd=root)
     assert mismatch.returncode == 1, mismatch.stderr[-5000:]
     assert mismatch.stderr.strip().splitlines()[-1] == f"error: weights differ from {uri} (registered {wrong})"
-    assert "Traceback" not in mismatch.stderr and "bit-identical" not in mismatch.stdout
+    assert "Traceback" not in mismatch.stderr and "bit-identical: yes" not in mismatch.stdout
+    assert "# bit-identical rebuild here: expected" in rebuild.stdout  # recorded and rebuilt on this machine
 
 
 def sha256(path: Path) -> str:
