@@ -23,9 +23,13 @@ def start_mlflow(port: int, store: Path, log: Path) -> subprocess.Popen:
     from flows.deploy import server_answers
 
     deadline = time.monotonic() + 120
-    while not server_answers(f"http://127.0.0.1:{port}"):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.5)
+    try:
+        while not server_answers(f"http://127.0.0.1:{port}"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+    except BaseException:  # a server that never answered is stopped too, not left running
+        kill_group(proc)
+        raise
     return proc
 
 
