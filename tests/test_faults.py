@@ -147,12 +147,22 @@ def test_kill9_of_lmcycle_run_leaves_no_ephemeral_server_host_or_stage(long_pret
 
 
 def _trainers(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The `lmcycle stage pretrain` processes the flow started: not the helpers they fork (a forked child shares
+    its parent's command line, so a match whose parent also matches is a helper, not a trainer)."""
     found = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             if "stage pretrain" in " ".join(proc.cmdline()):
                 found.append(proc)
-    return found
+    pids = {proc.pid for proc in found}
+    return [proc for proc in found if _parent_pid(proc) not in pids]
+
+
+def _parent_pid(proc: psutil.Process) -> int | None:
+    try:
+        return proc.ppid()
+    except psutil.Error:
+        return None
 
 
 @pytest.mark.slow
@@ -162,7 +172,10 @@ def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(
     reruns: list[RunUnderTest] = []
     try:
         run.wait_for("pretrain checkpoint", lambda: _checkpoints(long_pretrain) and _trainers(run.descendants()))
-        trainer = _trainers(run.descendants())[0]
+        # the stage process the flow recorded, not a helper it forked (those share its command line)
+        recorded = json.loads((long_pretrain / ".lmcycle" / "stage.json").read_text())
+        trainer = psutil.Process(recorded["pid"])
+        assert trainer in _trainers(run.descendants()), (recorded, _describe(run.descendants()))
         trainer.suspend()  # it cannot act on anything until resumed: a trainer of a killed run, still alive
         started = run.kill9()
         refused = RunUnderTest(long_pretrain, env, "--until", "pretrain")
@@ -170,7 +183,7 @@ def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(
         assert refused.proc.wait(timeout=600) != 0
         errors = [line for line in refused.output().splitlines() if line.startswith("error:")]
         assert errors and "stage pretrain of a previous run is still running" in errors[-1], refused.output()[-3000:]
-        assert _alive(trainer)
+        assert _alive(trainer), f"the stopped trainer ended:\n{_describe(run.descendants())}\n{run.output()[-3000:]}"
         trainer.resume()  # the SIGTERM from its parent's death is delivered now: it checkpoints and exits
         left = survivors(started)
         assert not left, f"outlived `lmcycle run`:\n{_describe(left)}"
