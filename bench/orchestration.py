@@ -89,13 +89,13 @@ def direct(root: Path) -> float:
     os.chdir(root)
     try:
         started = time.perf_counter()
-        from lmcore.config import load_config
-        from lmcore.paths import Paths
+        from lmcore.lifecycle.config import load_config
+        from lmcore.lifecycle.paths import Paths
 
         config, paths = load_config(root / "params.yaml"), Paths.of(root)
         for name in order:
-            importlib.import_module(f"lmcore.stages.{name}").run(config, paths)
-        from lmcore.registry import register_model
+            importlib.import_module(f"lmcore.lifecycle.stages.{name}").run(config, paths)
+        from lmcore.lifecycle.registry import register_model
 
         register_model(paths, config)
         return time.perf_counter() - started
@@ -104,7 +104,7 @@ def direct(root: Path) -> float:
 
 
 def create_mlflow_db(root: Path, env: dict[str, str]) -> None:
-    code = "from lmcore.tracking import connect; connect('.', 'lmcycle')"
+    code = "from lmcore.lifecycle.tracking import connect; connect('.', 'lmcycle')"
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True)
 
 

@@ -5,7 +5,7 @@ one document per chapter; 8× = the KJV and seven copies with the verses of each
 deduplication keeps them), runs the ingest stage on it when lmcycle has one (else writes the ingest jsonl
 itself), trains the tokenizer stage on the 1× corpus, then measures in one run:
 
-- throughput: text tokens per second of `lmcore.stages.tokenize.run` (read jsonl, encode, write shards, index)
+- throughput: text tokens per second of `lmcore.lifecycle.stages.tokenize.run` (read jsonl, encode, write shards, index)
   against one `Tokenizer.encode_batch` call over the same texts held in memory, each measured in alternating
   fresh processes (best wall and CPU time). Goal ≥ 0.8×.
 - memory: peak RSS of the tokenize stage in a fresh process on the 1× and the 8× corpus. Goal ≤ 1.2× growth.
@@ -87,8 +87,8 @@ def write_splits_without_ingest(verses: list[dict], root: Path) -> None:
 
 def build_workspace(root: Path, copies: int, vocab_size: int) -> str:
     """Corpus, params.yaml and ingest output in `root`; returns how the splits were made."""
-    from lmcore.config import validate
-    from lmcore.paths import Paths
+    from lmcore.lifecycle.config import validate
+    from lmcore.lifecycle.paths import Paths
 
     root.mkdir(parents=True)
     kjv = kjv_verses()
@@ -98,8 +98,8 @@ def build_workspace(root: Path, copies: int, vocab_size: int) -> str:
         f.writelines(json.dumps(verse, ensure_ascii=False) + "\n" for verse in verses)
     raw = params(corpus, vocab_size)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    if importlib.util.find_spec("lmcore.stages.ingest") is not None:
-        from lmcore.stages import ingest
+    if importlib.util.find_spec("lmcore.lifecycle.stages.ingest") is not None:
+        from lmcore.lifecycle.stages import ingest
 
         ingest.run(validate(raw), Paths.of(root))
         return "ingest stage"
@@ -129,9 +129,9 @@ def peak_rss() -> int:
 
 def child_rss(root: Path) -> dict:
     """Run the tokenize stage once in this fresh process: its peak RSS, tokens and time."""
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
-    from lmcore.stages import tokenize
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.stages import tokenize
 
     config = load_config(root / "params.yaml")
     baseline = peak_rss()
@@ -178,10 +178,10 @@ def child_raw(root: Path, repeats: int) -> dict:
 
 def child_stage(root: Path, repeats: int) -> dict:
     """The whole tokenize stage: read the jsonl splits, encode, write shards and index."""
-    from lmcore.config import load_config
     from lmcore.data.shards import TokenShards
-    from lmcore.paths import Paths
-    from lmcore.stages import tokenize
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.stages import tokenize
 
     config = load_config(root / "params.yaml")
     summary, wall, cpu = best_times(lambda: tokenize.run(config, Paths.of(root)), repeats)
@@ -205,9 +205,9 @@ def main() -> None:
 
     import shutil
 
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
-    from lmcore.stages import tokenizer as tokenizer_stage
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.stages import tokenizer as tokenizer_stage
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     with tempfile.TemporaryDirectory(prefix="lmcycle-bench-tokenize-") as tmp:

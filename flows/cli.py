@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from lmcore.errors import LmcycleError
-from lmcore.stages import STAGES
+from lmcore.lifecycle.stages import STAGES
 
 TRAINING_STAGES = ("pretrain", "finetune")  # the stages that may run as several processes
 
@@ -63,14 +63,14 @@ def print_summary(title: str, summary: dict) -> None:
 def run_stage(name: str, params: Path = Path("params.yaml"), workspace: Path = Path(".")) -> dict:
     """Run one stage, tracked as an MLflow run (a child of the flow's run when one is given; LMCYCLE_TRACKING=off
     skips tracking and never imports mlflow)."""
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.tracking import stage_run
     from lmcore.reporting import use_reporter
-    from lmcore.tracking import stage_run
 
     config = load_config(params)
     paths = Paths.of(workspace)
-    module = importlib.import_module(f"lmcore.stages.{name}")
+    module = importlib.import_module(f"lmcore.lifecycle.stages.{name}")
     with stage_run(name, config, paths) as rep, use_reporter(rep):
         return module.run(config, paths)
 
@@ -80,7 +80,7 @@ def launch_plan(name: str, params: Path):
     of torchrun (WORLD_SIZE set), which never starts processes of its own."""
     if name not in TRAINING_STAGES or "WORLD_SIZE" in os.environ:
         return None
-    from lmcore.config import load_config
+    from lmcore.lifecycle.config import load_config
     from lmcore.train.launch import plan
 
     return plan(name, getattr(load_config(params), name))
@@ -143,9 +143,9 @@ def run(
     stages, MLflow tracking, and registration with the promotion gate."""
     from flows.preflight import check_prefect_api
     from flows.remote import should_push
-    from lmcore.config import apply_overrides, load_config
-    from lmcore.tracking import check_tracking, tracking_enabled, tracking_uri
-    from lmcore.workspace import dvc_write_lock, workspace_lock
+    from lmcore.lifecycle.config import apply_overrides, load_config
+    from lmcore.lifecycle.tracking import check_tracking, tracking_enabled, tracking_uri
+    from lmcore.lifecycle.workspace import dvc_write_lock, workspace_lock
 
     root = workspace.resolve()
     try:
@@ -194,7 +194,7 @@ def run(
 
 def _check_stage_names(root: Path, until: str | None, force: list[str]) -> None:
     """Fail before anything starts when --until/--force name no dvc.yaml stage (foreach stages: NAME@KEY)."""
-    from lmcore.workspace import dvc_stages
+    from lmcore.lifecycle.workspace import dvc_stages
 
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         raise LmcycleError(f"{root}: not a workspace (needs dvc.yaml in a DVC repository: git init && dvc init)")
@@ -230,7 +230,7 @@ def serve(
     the ephemeral API that `lmcycle run` uses cannot schedule."""
     from flows.deploy import serve_lifecycle
     from flows.preflight import check_prefect_api
-    from lmcore.config import load_config
+    from lmcore.lifecycle.config import load_config
 
     root = workspace.resolve()
     try:
@@ -252,9 +252,9 @@ def register_(
     """Register the workspace's model in MLflow and apply the promotion gate (the flow's last task)."""
     import json
 
-    from lmcore.config import atomic_write_text, load_config
-    from lmcore.paths import Paths
-    from lmcore.registry import register_model
+    from lmcore.lifecycle.config import atomic_write_text, load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.registry import register_model
 
     try:
         paths = Paths.of(workspace)
@@ -273,7 +273,7 @@ app.add_typer(models_app, name="models")
 
 
 def _registry_client():
-    from lmcore.registry import client_for
+    from lmcore.lifecycle.registry import client_for
 
     return client_for(Path("."))
 
@@ -284,7 +284,7 @@ def models_list(name: Annotated[str | None, typer.Argument(help="registered mode
     from rich.console import Console
     from rich.table import Table
 
-    from lmcore.registry import list_models
+    from lmcore.lifecycle.registry import list_models
 
     try:
         rows = list_models(_registry_client(), name)
@@ -302,8 +302,8 @@ def models_list(name: Annotated[str | None, typer.Argument(help="registered mode
 @models_app.command("promote")
 def models_promote(name: str, version: str) -> None:
     """Give the champion alias to NAME VERSION by hand (recorded on the version)."""
-    from lmcore.config import load_config
-    from lmcore.registry import promote
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.registry import promote
 
     try:
         promote(_registry_client(), name, version, _champion_alias(load_config))
@@ -315,8 +315,8 @@ def models_promote(name: str, version: str) -> None:
 @models_app.command("rollback")
 def models_rollback(name: str) -> None:
     """Give the champion alias back to the previous champion."""
-    from lmcore.config import load_config
-    from lmcore.registry import rollback
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.registry import rollback
 
     alias = _champion_alias(load_config)
     try:
@@ -333,7 +333,7 @@ def models_verify(
 ) -> None:
     """Download a version and check its weights against the SHA-256 recorded on it; then serve that directory
     (`mlflow models serve -m DST`): MLflow's own loading checks nothing."""
-    from lmcore.weights import download_verified
+    from lmcore.lifecycle.weights import download_verified
 
     try:
         path = download_verified(_registry_client(), uri, dst)
@@ -360,7 +360,7 @@ def reproduce(
 
     import yaml
 
-    from lmcore.registry import rebuild, recipe
+    from lmcore.lifecycle.registry import rebuild, recipe
 
     try:
         rec = recipe(_registry_client(), uri)
@@ -374,7 +374,7 @@ def reproduce(
             typer.echo("warning: the workspace was dirty; only its params are restored, not uncommitted code", err=True)
         import torch  # noqa: F401 - so the environment below names this machine's threads and device
 
-        from lmcore.workspace import environment, rebuild_outlook
+        from lmcore.lifecycle.workspace import environment, rebuild_outlook
 
         typer.echo(f"# {rebuild_outlook(rec.env, environment(Path('.').resolve()))}")
         if not run_:
@@ -403,6 +403,7 @@ def generate(
 ) -> None:
     """Sample from a model with its KV cache, streaming the text to the terminal."""
     from lmcore.generate import SamplingConfig, generate_text, load_model
+    from lmcore.lifecycle.registry import resolve_model_path
 
     try:
         cfg = SamplingConfig(
@@ -414,7 +415,7 @@ def generate(
             num_samples=num_samples,
             seed=seed,
         )
-        transformer, tokenizer = load_model(model)
+        transformer, tokenizer = load_model(resolve_model_path(model))
     except (LmcycleError, ValueError) as err:
         raise fail(str(err)) from None
 

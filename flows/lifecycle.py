@@ -12,8 +12,9 @@ Design choices:
   imported torch and the rest while the flow started, so a stage costs its work, not its imports.
 - Tracking: the flow opens the MLflow parent run in the background while the first stages run. Under the flow a
   stage writes its events to a spool directory and this process logs them as a child run of the parent
-  (lmcore.tracking.SpoolForwarder), so stage processes never import mlflow; plain `dvc repro` stages log their own.
-- One flow run per workspace at a time: the `.lmcycle/lock` file lock (see lmcore.workspace).
+  (lmcore.lifecycle.tracking.SpoolForwarder), so stage processes never import mlflow; plain `dvc repro` stages
+  log their own.
+- One flow run per workspace at a time: the `.lmcycle/lock` file lock (see lmcore.lifecycle.workspace).
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ def dvc_stage(
     import uuid
 
     from flows.remote import ingest_up_to_date
-    from lmcore.tracking import SPOOL_ENV
+    from lmcore.lifecycle.tracking import SPOOL_ENV
 
     logger = get_run_logger()
     root = Path(workspace)
@@ -398,7 +399,7 @@ def register(
     timeout_s: float = 3600.0,
     grace_s: float = 10.0,
 ) -> dict[str, Any]:
-    """Register the workspace's model in MLflow and run the promotion gate (see lmcore.registry).
+    """Register the workspace's model in MLflow and run the promotion gate (see lmcore.lifecycle.registry).
 
     With a warm stage host it runs as `lmcycle register` forked from the host, which has transformers and
     mlflow's transformers flavor imported already; otherwise here.
@@ -408,9 +409,9 @@ def register(
         runner = _CommandRunner(time.monotonic() + timeout_s, grace_s, logger.info, host)
         result = _register_in_host(runner, Path(workspace), parent_run_id, flow_run_id, timeout_s)
     else:
-        from lmcore.config import load_config
-        from lmcore.paths import Paths
-        from lmcore.registry import register_model
+        from lmcore.lifecycle.config import load_config
+        from lmcore.lifecycle.paths import Paths
+        from lmcore.lifecycle.registry import register_model
 
         paths = Paths.of(workspace)
         result = register_model(paths, load_config(paths.root / "params.yaml"), parent_run_id, flow_run_id).as_dict()
@@ -480,9 +481,9 @@ def lifecycle(
     """
     from flows.lifetime import wait_for_previous_stage
     from flows.remote import should_push
-    from lmcore.config import apply_overrides, read_params, validate
-    from lmcore.tracking import tracking_enabled
-    from lmcore.workspace import dvc_write_lock, workspace_lock
+    from lmcore.lifecycle.config import apply_overrides, read_params, validate
+    from lmcore.lifecycle.tracking import tracking_enabled
+    from lmcore.lifecycle.workspace import dvc_write_lock, workspace_lock
 
     _telemetry_off()
     root = Path(workspace).resolve()
@@ -580,9 +581,9 @@ def _run_graph(
 
 
 def _register(root: Path, run: _ParentRun, host: Any = None) -> dict[str, Any]:
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
-    from lmcore.registry import model_to_register
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.registry import model_to_register
 
     paths, config = Paths.of(root), load_config(root / "params.yaml")
     if model_to_register(paths, config) is None:
@@ -614,8 +615,8 @@ class _ParentRun:
 
         from prefect.runtime import flow_run
 
-        from lmcore.tracking import check_tracking, start_parent_run, tracking_uri
-        from lmcore.workspace import dvc_lock_hash
+        from lmcore.lifecycle.tracking import check_tracking, start_parent_run, tracking_uri
+        from lmcore.lifecycle.workspace import dvc_lock_hash
 
         check_tracking(tracking_uri(root))
         tags = {
@@ -643,7 +644,7 @@ class _ParentRun:
     @contextlib.contextmanager
     def forwarder(self, spool: Path) -> Iterator[None]:
         """Forward a stage's spool to its child run of this run, as soon as this run exists."""
-        from lmcore.tracking import SpoolForwarder
+        from lmcore.lifecycle.tracking import SpoolForwarder
 
         spool.mkdir(parents=True, exist_ok=True)
         attached: dict[str, Any] = {}
@@ -665,24 +666,24 @@ class _ParentRun:
                 self._opened.result()  # raises why the run could not be opened
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        from lmcore.tracking import MLflowReporter
+        from lmcore.lifecycle.tracking import MLflowReporter
 
         MLflowReporter(self.client, self.run_id).log_metrics(metrics)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from lmcore.tracking import MLflowReporter
+        from lmcore.lifecycle.tracking import MLflowReporter
 
         MLflowReporter(self.client, self.run_id).set_tags(tags)
 
     def link(self) -> str:
-        from lmcore.tracking import run_link
+        from lmcore.lifecycle.tracking import run_link
 
         return run_link(self.client, self.run_id)
 
     def end(self, status: str, report: dict[str, Any]) -> None:
         if self.ended:
             return
-        from lmcore.workspace import dvc_lock_hash
+        from lmcore.lifecycle.workspace import dvc_lock_hash
 
         self.ended = True
         try:
@@ -696,15 +697,15 @@ class _ParentRun:
 
 
 def _eval_rows(root: Path) -> list[dict[str, Any]]:
-    from lmcore.paths import Paths
-    from lmcore.registry import eval_metrics
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.registry import eval_metrics
 
     metrics, _, _ = eval_metrics(Paths.of(root))
     return [{"metric": k, "value": round(v, 6)} for k, v in sorted(metrics.items())]
 
 
 def _markdown(root: Path, report: dict[str, Any], run: _ParentRun | None, rows: list[dict[str, Any]]) -> str:
-    from lmcore.workspace import dvc_lock_hash, git_commit, git_dirty
+    from lmcore.lifecycle.workspace import dvc_lock_hash, git_commit, git_dirty
 
     dirty = " (dirty)" if git_dirty(root) else ""
     lines = [

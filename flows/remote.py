@@ -10,7 +10,8 @@ Design choices:
   cache or a lock entry to skip such a stage. The flow skips it when DVC finds everything else of the stage
   unchanged (command, code, params, outputs as in dvc.lock) and the sources' fingerprints (file digests, package
   versions, dataset fingerprints; lmcore.data.sources) equal those recorded in its report by the run that wrote the
-  outputs: the same inputs give byte-identical outputs (lmcore/stages/ingest.py), so running it would change nothing.
+  outputs: the same inputs give byte-identical outputs (lmcore/lifecycle/stages/ingest.py), so running it would
+  change nothing.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ def ingest_up_to_date(root: str | Path, name: str) -> bool:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
 
     try:
         with _quiet_dvc(), Repo(str(root)) as repo, repo.lock:
@@ -174,7 +175,7 @@ def ingest_up_to_date(root: str | Path, name: str) -> bool:
 def sources_unchanged(config: Any, paths: Any) -> bool:
     """Whether every data source still has the fingerprint recorded in reports/ingest.json."""
     from lmcore.data.sources import resolve
-    from lmcore.stages.ingest import KINDS
+    from lmcore.lifecycle.stages.ingest import KINDS
 
     try:
         report = json.loads(paths.report(INGEST_STAGE).read_text(encoding="utf-8"))

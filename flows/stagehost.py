@@ -48,11 +48,11 @@ READY_S = 30.0  # how long the flow waits for the host to answer before starting
 # What the stages import, cheapest first so that ingest and tokenizer are served before torch is loaded.
 PRELOAD = [
     "flows.cli",
-    "lmcore.config",
-    "lmcore.tracking",
-    "lmcore.stages.ingest",
-    "lmcore.stages.tokenizer",
-    "lmcore.stages.tokenize",
+    "lmcore.lifecycle.config",
+    "lmcore.lifecycle.tracking",
+    "lmcore.lifecycle.stages.ingest",
+    "lmcore.lifecycle.stages.tokenizer",
+    "lmcore.lifecycle.stages.tokenize",
     "numpy",
     "tokenizers",
     "torch",
@@ -60,9 +60,9 @@ PRELOAD = [
     "safetensors.torch",
     "lmcore.model",
     "lmcore.train.loop",
-    "lmcore.stages.pretrain",
-    "lmcore.stages.finetune",
-    "lmcore.stages.evaluate",
+    "lmcore.lifecycle.stages.pretrain",
+    "lmcore.lifecycle.stages.finetune",
+    "lmcore.lifecycle.stages.evaluate",
     "lmcore.export",
     "transformers",
     "transformers.models.llama.modeling_llama",
@@ -70,7 +70,7 @@ PRELOAD = [
     "matplotlib.backends.backend_agg",
     "mlflow",  # registration (`lmcycle register`), the flow's last step
     "mlflow.transformers",
-    "lmcore.registry",
+    "lmcore.lifecycle.registry",
 ]
 
 

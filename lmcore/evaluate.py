@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lmcore.config import atomic_write_text
+from lmcore.files import atomic_write_text
 
 ROUND = 6  # decimals of every float in a report: byte-identical reruns, no float-printing noise
 

@@ -261,25 +261,16 @@ def generate_text(
 # --- loading -------------------------------------------------------------------------------------------------
 
 
-def resolve_model_path(model: str | Path) -> Path:
-    """The local directory a `--model` argument names (other schemes, e.g. a registry URI, resolve here too)."""
-    if str(model).startswith("models:/"):  # MLflow registry: models:/NAME@ALIAS or models:/NAME/VERSION
-        from lmcore.registry import local_model_dir
-
-        return local_model_dir(str(model))
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"{model}: no such model directory")
-    return path
-
-
 def load_model(model: str | Path, device: str = "cpu") -> tuple[Transformer, Any]:
-    """An exported Hugging Face directory as (lmcore Transformer in eval mode, transformers tokenizer)."""
+    """An exported Hugging Face directory as (lmcore Transformer in eval mode, transformers tokenizer); a
+    registry URI is resolved to such a directory by the lifecycle layer first (lmcore.lifecycle.registry)."""
     from transformers import AutoTokenizer
 
     from lmcore.export import import_hf
 
-    path = resolve_model_path(model)
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{model}: no such model directory")
     transformer, _ = import_hf(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -1,7 +1,7 @@
 """How stages and the training loop report what happens, without knowing who listens.
 
 Code calls `reporter().log_metrics(...)`; by default that goes nowhere (a bare GPU host, a unit test). The CLI
-installs an MLflow-backed reporter (lmcore.tracking) around a stage with `use_reporter(...)`. This keeps the
+installs an MLflow-backed reporter (lmcore.lifecycle.tracking) around a stage with `use_reporter(...)`. This keeps the
 training loop free of MLflow, Prefect and DVC.
 """
 

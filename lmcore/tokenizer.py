@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from lmcore.config import SPECIAL_TOKENS, TokenizerConfig
 from lmcore.diskspace import writing
 from lmcore.errors import CheckpointError, DataError
+from lmcore.options import SPECIAL_TOKENS, TokenizerConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -311,7 +311,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, kjv_slice: Path) -> Path:
     """lmcycle's tokenizer (byte-level BPE, 512 tokens, special tokens, chat template) trained on the KJV slice."""
-    from lmcore.config import TokenizerConfig
+    from lmcore.lifecycle.config import TokenizerConfig
     from lmcore.tokenizer import iter_texts, save_tokenizer, train_tokenizer
 
     cfg = TokenizerConfig(vocab_size=512)

@@ -15,8 +15,8 @@ from conftest import REPO, lmcycle, make_workspace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmcore.config import apply_overrides, load_config
 from lmcore.errors import LmcycleError
+from lmcore.lifecycle.config import apply_overrides, load_config
 
 SECTIONS = list(yaml.safe_load((REPO / "params.yaml").read_text()))
 KEYS = sorted({f"{s}.{k}" for s, v in yaml.safe_load((REPO / "params.yaml").read_text()).items() for k in v})
@@ -73,9 +73,9 @@ SOURCE_BYTES = st.one_of(
     kind=st.sampled_from(["pretrain", "sft", "classification"]),
 )
 def test_random_source_files_ingest_or_fail_in_one_line(data: bytes, suffix: str, kind: str, tmp_path_factory) -> None:
-    from lmcore.config import validate
-    from lmcore.paths import Paths
-    from lmcore.stages import ingest
+    from lmcore.lifecycle.config import validate
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.stages import ingest
 
     root = tmp_path_factory.mktemp("ws")
     source = root / f"source{suffix}"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcore.config import apply_overrides, load_config
 from lmcore.errors import ConfigError
+from lmcore.lifecycle.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

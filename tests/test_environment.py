@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmcore.workspace import NUMERICS_KEYS, environment, rebuild_outlook
+from lmcore.lifecycle.workspace import NUMERICS_KEYS, environment, rebuild_outlook
 
 
 def test_the_environment_names_the_cpu_its_isa_and_the_threads() -> None:

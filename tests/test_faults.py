@@ -210,7 +210,7 @@ def test_a_stage_host_answering_after_the_deadline_never_runs_the_stage_a_second
 
     from flows.lifecycle import _CommandRunner
     from flows.stagehost import StageHost, stage_env
-    from lmcore.tracking import SPOOL_ENV
+    from lmcore.lifecycle.tracking import SPOOL_ENV
 
     root = make_workspace(tmp_path / "ws", tiny_params(kjv_slice, chatter_slice), dvc=False)
     spool = tmp_path / "spool"
@@ -253,8 +253,8 @@ def test_a_kill_grace_longer_than_prefects_cancellation_window_is_refused(tmp_pa
 
     from conftest import REPO
 
-    from lmcore.config import apply_overrides, load_config
     from lmcore.errors import ConfigError
+    from lmcore.lifecycle.config import apply_overrides, load_config
 
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
@@ -338,9 +338,9 @@ def test_a_registered_model_answers_under_its_registered_name_not_a_local_path(
     import mlflow
     from mlflow.models import Model
 
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
-    from lmcore.registry import register_model
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.registry import register_model
 
     monkeypatch.setenv("LMCYCLE_CACHE", str(tmp_path / "cache"))
     root = copy_workspace(pretrained_workspace, tmp_path / "ws", project={"registered_model": "faults-served"})
@@ -402,7 +402,7 @@ def _served_answer(uri: str, log_path: Path) -> dict:
 def test_a_malformed_spool_line_loses_no_later_event_and_never_fails_a_finished_stage(tmp_path: Path, capfd):
     """The final poll (at the stage's end) meets a line that is no event: it is skipped with a warning, the events
     after it are still logged, and leaving the forwarder raises nothing."""
-    from lmcore.tracking import SpoolForwarder, SpoolReporter, connect
+    from lmcore.lifecycle.tracking import SpoolForwarder, SpoolReporter, connect
 
     client, experiment_id = connect(tmp_path, "spool-faults")
     spool = tmp_path / "spool"

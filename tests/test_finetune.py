@@ -14,16 +14,16 @@ import torch
 from conftest import copy_workspace, lmcycle, write_jsonl
 from safetensors.torch import load_file
 
-from lmcore.config import load_config
 from lmcore.errors import CheckpointError, ConfigError, DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import load_config
+from lmcore.lifecycle.paths import Paths
 
 SFT = {"steps": 12, "lr": 0.002, "warmup_steps": 2, "eval_every": 6, "checkpoint_every": 4, "log_every": 2}
 
 
 def run_finetune(ws: Path) -> dict:
     """The stage in this process (a faster path to its errors than the console script)."""
-    from lmcore.stages.finetune import run
+    from lmcore.lifecycle.stages.finetune import run
 
     return run(load_config(ws / "params.yaml"), Paths.of(ws))
 
@@ -231,7 +231,7 @@ def test_unknown_lora_target_lists_what_exists(ws):
 
 
 def test_tokenizer_other_than_the_models_is_refused_naming_both(ws, tmp_path):
-    from lmcore.config import TokenizerConfig
+    from lmcore.lifecycle.config import TokenizerConfig
     from lmcore.tokenizer import save_tokenizer, tokenizer_fingerprint, train_tokenizer
 
     root = ws()

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import KJV
 
-from lmcore.config import LoraConfig, TokenizerConfig
 from lmcore.errors import ConfigError, DataError
 from lmcore.finetune import classification as cls
 from lmcore.finetune import lora, sft
 from lmcore.finetune.data import batch_indices
+from lmcore.lifecycle.config import LoraConfig, TokenizerConfig
 from lmcore.model import IGNORE_INDEX, ModelConfig, Transformer
 from lmcore.tokenizer import END, to_transformers, train_tokenizer
 

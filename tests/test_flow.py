@@ -26,7 +26,7 @@ import yaml
 from conftest import make_workspace, tiny_params
 
 from flows.lifecycle import group_alive, run_dvc_stage
-from lmcore.workspace import dvc_lock_hash, workspace_lock
+from lmcore.lifecycle.workspace import dvc_lock_hash, workspace_lock
 
 
 def synthetic_workspace(root: Path, kjv: Path, chatter: Path, stages: dict, **sections: dict) -> Path:
@@ -299,9 +299,9 @@ def mlflow_runs(client, root: Path) -> dict[str, list]:
 def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory, prefect_api, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from lmcore.config import load_config
-    from lmcore.paths import Paths
-    from lmcore.registry import RESCORERS, local_model_dir
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.registry import RESCORERS, local_model_dir
 
     name = "e2e-model"
     root = workspace_factory(project={"registered_model": name})

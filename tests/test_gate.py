@@ -16,10 +16,10 @@ import pytest
 import yaml
 from conftest import copy_workspace, deep_update, lmcycle
 
-from lmcore.config import load_config
-from lmcore.gate import apply_floor, quality_floor, settings_fingerprint
-from lmcore.paths import Paths
-from lmcore.registry import better, champion_history, gate_decision, register_model
+from lmcore.lifecycle.config import load_config
+from lmcore.lifecycle.gate import apply_floor, quality_floor, settings_fingerprint
+from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.registry import better, champion_history, gate_decision, register_model
 
 HOW = "same eval data"
 
@@ -104,7 +104,7 @@ def test_quality_floor_compares_with_the_trivial_baseline(kind, metrics, expecte
 def test_the_fingerprint_changes_with_every_setting_that_changes_the_numbers():
     from conftest import REPO
 
-    from lmcore.config import load_config
+    from lmcore.lifecycle.config import load_config
 
     base = load_config(REPO / "params.yaml")
 
@@ -183,7 +183,7 @@ def evaluated_workspace(pretrained_workspace, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def client():
-    from lmcore.registry import client_for
+    from lmcore.lifecycle.registry import client_for
 
     return client_for(".")
 
@@ -317,10 +317,10 @@ def test_a_registration_stopped_after_creating_the_version_is_completed_not_dupl
 REGISTER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from lmcore.config import load_config
-from lmcore.paths import Paths
-from lmcore.registry import _log_and_register, candidate, register_model
-from lmcore.tracking import connect
+from lmcore.lifecycle.config import load_config
+from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.registry import _log_and_register, candidate, register_model
+from lmcore.lifecycle.tracking import connect
 paths = Paths.of(sys.argv[1])
 config = load_config(paths.root / "params.yaml")
 client, experiment_id = connect(paths.root, config.project.experiment)

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from conftest import lmcycle
 
-from lmcore.config import SourceConfig
 from lmcore.data.records import Tally, cut_documents, pretrain_documents
 from lmcore.data.sources import resolve
+from lmcore.lifecycle.config import SourceConfig
 
 MB = 1 << 20
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from conftest import CHATTERBOT_EN
 
-from lmcore.config import validate
 from lmcore.errors import DataError
-from lmcore.paths import Paths
-from lmcore.stages import ingest
+from lmcore.lifecycle.config import validate
+from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.stages import ingest
 
 
 def run_ingest(root: Path, **data) -> dict:

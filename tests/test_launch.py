@@ -116,8 +116,8 @@ def test_override_with_a_bad_process_count_changes_nothing(workspace_factory) ->
 
 
 def test_torchrun_variables_win_over_the_params(monkeypatch) -> None:
-    from lmcore.config import PretrainConfig
     from lmcore.errors import ConfigError
+    from lmcore.lifecycle.config import PretrainConfig
     from lmcore.train.launch import plan
 
     cfg = PretrainConfig(batch_size=8, nproc_per_node=2, nnodes=1)

@@ -247,7 +247,7 @@ def test_presets_have_the_advertised_size() -> None:
 
 
 def test_from_params_applies_preset_then_overrides() -> None:
-    from lmcore.config import ModelConfigParams
+    from lmcore.lifecycle.config import ModelConfigParams
 
     config = ModelConfig.from_params(ModelConfigParams(preset="cpu-demo", n_layer=2), vocab_size=1000)
     assert (config.n_layer, config.d_model, config.vocab_size) == (2, 256, 1000)

@@ -17,9 +17,9 @@ import hf_scores
 import pytest
 from conftest import copy_workspace, lmcycle
 
-from lmcore.config import load_config
-from lmcore.paths import Paths
-from lmcore.registry import (
+from lmcore.lifecycle.config import load_config
+from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.registry import (
     RegistryError,
     champion_history,
     client_for,
@@ -88,7 +88,7 @@ def test_first_version_becomes_champion_and_reregistering_reuses_it(pretrained_w
     assert len(client.search_model_versions("name='reg-first'")) == 1
 
     tags = client.get_model_version("reg-first", "1").tags
-    assert tags["lmcycle.dvc_lock_hash"] == __import__("lmcore.workspace").workspace.dvc_lock_hash(paths.root)
+    assert tags["lmcycle.dvc_lock_hash"] == __import__("lmcore.lifecycle.workspace").workspace.dvc_lock_hash(paths.root)
     assert json.loads(tags["lmcycle.params"])["project"]["registered_model"] == "reg-first"
     assert tags["metric.pretrain.val_bpb"] == "2.5" and tags["lmcycle.gate.value"] == "2.5"
     assert tags["lmcycle.seed"] == "1337" and tags["env.torch"].startswith("2.")
@@ -255,11 +255,12 @@ def test_the_champion_answers_chat_messages_through_mlflow(pretrained_workspace,
     assert 1 <= out[0]["usage"]["completion_tokens"] <= 6 + 1
 
     from lmcore.generate import load_model  # what `lmcycle generate --model models:/…` loads
+    from lmcore.lifecycle.registry import resolve_model_path
 
-    transformer, tokenizer = load_model("models:/reg-chat@champion")
+    transformer, tokenizer = load_model(resolve_model_path("models:/reg-chat@champion"))
     assert transformer.config.vocab_size >= len(tokenizer)
     with pytest.raises(RegistryError, match="no registered model named 'absent'"):
-        load_model("models:/absent@champion")
+        resolve_model_path("models:/absent@champion")
     out = lmcycle(
         "generate",
         "--model",

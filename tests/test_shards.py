@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from conftest import lmcycle
 
-from lmcore.config import validate
 from lmcore.data.shards import HEADER_BYTES, MAGIC, ShardWriter, TokenShards, read_header
 from lmcore.errors import DataError
-from lmcore.paths import Paths
-from lmcore.stages import tokenize as tokenize_stage
-from lmcore.stages import tokenizer as tokenizer_stage
+from lmcore.lifecycle.config import validate
+from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.stages import tokenize as tokenize_stage
+from lmcore.lifecycle.stages import tokenizer as tokenizer_stage
+from lmcore.lifecycle.tracking import TRACKING_ENV
 from lmcore.tokenizer import iter_texts, read_tokenizer, tokenizer_fingerprint
-from lmcore.tracking import TRACKING_ENV
 
 FINGERPRINT = "0123456789abcdef"
 

@@ -1,5 +1,5 @@
-"""Every stage declares the code it runs: the import closure of `lmcore.stages.NAME` inside the package must be
-covered by that stage's `deps` in dvc.yaml (a file, or a folder above it), so an edit to any module a stage
+"""Every stage declares the code it runs: the import closure of `lmcore.lifecycle.stages.NAME` inside the package
+must be covered by that stage's `deps` in dvc.yaml (a file, or a folder above it), so an edit to any module a stage
 imports makes DVC rerun that stage. A drifted dvc.yaml once left `reports/evaluate/samples.json` stale after a
 decoder edit while `dvc repro` called evaluate up to date."""
 
@@ -44,7 +44,7 @@ def covered(file: str, deps: list[str]) -> bool:
 
 @pytest.mark.parametrize("stage", list(stage_commands()))
 def test_dvc_yaml_declares_every_module_a_stage_imports(stage: str, graph: grimp.ImportGraph) -> None:
-    module = f"lmcore.stages.{stage_commands()[stage]}"
+    module = f"lmcore.lifecycle.stages.{stage_commands()[stage]}"
     closure = {module} | graph.find_upstream_modules(module)
     deps = [str(d) for d in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]]
     missing = sorted(module_file(m) for m in closure if not covered(module_file(m), deps))
@@ -53,7 +53,7 @@ def test_dvc_yaml_declares_every_module_a_stage_imports(stage: str, graph: grimp
 
 def test_closure_check_sees_an_undeclared_module(graph: grimp.ImportGraph) -> None:
     """The check itself can fail: evaluate's closure is not covered by tokenize's deps."""
-    closure = {"lmcore.stages.evaluate"} | graph.find_upstream_modules("lmcore.stages.evaluate")
+    closure = {"lmcore.lifecycle.stages.evaluate"} | graph.find_upstream_modules("lmcore.lifecycle.stages.evaluate")
     deps = [str(d) for d in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tokenize"]["deps"]]
     assert any(not covered(module_file(m), deps) for m in closure)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import lmcycle
 
-from lmcore.config import TokenizerConfig
 from lmcore.errors import CheckpointError
+from lmcore.lifecycle.config import TokenizerConfig
+from lmcore.lifecycle.tracking import TRACKING_ENV
 from lmcore.tokenizer import (
     CHAT_TEMPLATE,
     DEFAULT_MODEL_MAX_LENGTH,
@@ -24,7 +25,6 @@ from lmcore.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
-from lmcore.tracking import TRACKING_ENV
 
 CFG = TokenizerConfig(vocab_size=512)
 TRICKY = [

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_workspace, tiny_params
 from mlflow import MlflowClient
 
-from lmcore.tracking import (
+from lmcore.lifecycle.tracking import (
     MLflowReporter,
     SpoolForwarder,
     SpoolReporter,
@@ -26,7 +26,7 @@ from lmcore.tracking import (
     connect,
     tracking_uri,
 )
-from lmcore.workspace import original_root
+from lmcore.lifecycle.workspace import original_root
 
 
 def test_tracking_uri_is_the_users_or_anchored_to_the_workspace(tmp_path, monkeypatch):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import needs_cpu_compile
 
-from lmcore.config import TrainConfig
 from lmcore.data.shards import TokenShards
 from lmcore.errors import CheckpointError, ConfigError
+from lmcore.lifecycle.config import TrainConfig
 from lmcore.metrics import bits_per_byte, count_batches, evaluate_lm
 from lmcore.model import IGNORE_INDEX, ModelConfig, Transformer
 from lmcore.train import checkpoint as ckpt

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import copy_workspace, lmcycle
 
-from lmcore.config import load_config
-from lmcore.paths import Paths
-from lmcore.registry import client_for, register_model
-from lmcore.weights import WeightsIntegrityError, verify_weights, weights_tags
-from lmcore.workspace import file_sha256
+from lmcore.lifecycle.config import load_config
+from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.registry import client_for, register_model
+from lmcore.lifecycle.weights import WeightsIntegrityError, verify_weights, weights_tags
+from lmcore.lifecycle.workspace import file_sha256
 
 MISMATCH = "model.safetensors does not match the SHA-256 recorded on the version"
 
@@ -82,6 +82,7 @@ def restore(path: Path, original: bytes) -> None:
 
 def test_generate_uses_verified_weights_and_refuses_tampered_ones(pretrained_workspace, tmp_path):
     from lmcore.generate import load_model
+    from lmcore.lifecycle.registry import resolve_model_path
 
     paths = workspace(pretrained_workspace, tmp_path / "ws", "wi-generate", 2.5, "a")
     register_model(paths, load_config(paths.root / "params.yaml"))
@@ -90,7 +91,7 @@ def test_generate_uses_verified_weights_and_refuses_tampered_ones(pretrained_wor
     assert tags["lmcycle.weights_sha256.model.safetensors"] == file_sha256(workspace_weights)
     assert tags["lmcycle.weights_sha256"] == weights_tags(paths.pretrain / "hf")["lmcycle.weights_sha256"]
 
-    transformer, _ = load_model("models:/wi-generate@champion")  # untouched: loads
+    transformer, _ = load_model(resolve_model_path("models:/wi-generate@champion"))  # untouched: loads
     assert transformer.config.n_layer >= 1
     served = tmp_path / "served"  # what `mlflow models serve -m` would be given
     lmcycle("models", "verify", "models:/wi-generate@champion", "--dst", str(served), cwd=paths.root)

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcore.config import SourceConfig
+from lmcore.options import SourceConfig
 from lmcore.data.clean import DocumentBuilder, carry_split, clean_text
 from lmcore.data.sources import (
     BLOCK,

@@ -12,7 +12,7 @@ File lists are sorted, so outputs never depend on the order a file system lists 
 suffix (after `.gz`) unless the source sets `format`; unknown suffixes are read as text. Text, jsonl and csv files
 stream in bounded blocks (`BLOCK`), parquet in record batches; .json and .yml files are parsed whole.
 Binary files (a NUL byte or a known magic number in the first 8 KiB; UTF-16 text counts as binary) are skipped
-and listed in the report; a source left with no text at all is an error (see lmcore/stages/ingest.py).
+and listed in the report; a source left with no text at all is an error (see lmcore/lifecycle/stages/ingest.py).
 Heavy readers (pyarrow, datasets, fsspec) are imported only when a source needs them.
 """
 
@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import yaml
 
-from lmcore.config import SourceConfig
+from lmcore.options import SourceConfig
 from lmcore.data.clean import bad_utf8_lines, carry_split, decode_repair, split_incomplete_utf8
 from lmcore.errors import DataError
 

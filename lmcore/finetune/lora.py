@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmcore.config import LoraConfig
 from lmcore.errors import ConfigError
+from lmcore.options import LoraConfig
 
 # Hugging Face Llama projection name → the lmcore module that contains it.
 HF_ALIASES = {

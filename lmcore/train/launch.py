@@ -8,7 +8,7 @@ Design choices:
 - Where the process count comes from: the torchrun environment variables (PET_NPROC_PER_NODE, PET_NNODES,
   PET_RDZV_ENDPOINT, PET_RDZV_ID; MASTER_ADDR:MASTER_PORT as the endpoint) win over the stage's params, because a
   scheduler that sets them knows the machines; params.yaml holds the default for a plain `dvc repro`. None of them
-  change what is computed, so the checkpoint fingerprint leaves them out (lmcore.config.LAUNCH_KEYS).
+  change what is computed, so the checkpoint fingerprint leaves them out (lmcore.options.LAUNCH_KEYS).
 - One machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks (torchrun --standalone). Several: at
   `rdzv_endpoint`, all machines sharing `rdzv_id`; with PET_NODE_RANK set (torchrun's --node-rank) the static
   rendezvous puts global rank 0 on node 0, else c10d ranks machines in arrival order. No restarts: a failed stage

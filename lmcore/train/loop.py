@@ -50,7 +50,7 @@ from lmcore.train.split import SplitBackward, loss_terms, split_choice
 if TYPE_CHECKING:
     import torch
 
-    from lmcore.config import TrainConfig
+    from lmcore.options import TrainConfig
 
 Batch = dict[str, "torch.Tensor"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from lmcore.config import TrainConfig
+    from lmcore.options import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -32,7 +32,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmcore.config import Config, DataConfig, SourceConfig, atomic_write_text
 from lmcore.data.records import (
     Message,
     Tally,
@@ -45,7 +44,8 @@ from lmcore.data.sources import ResolvedSource, resolve
 from lmcore.data.split import NgramOverlap, content_digest, content_id, is_val
 from lmcore.diskspace import writing
 from lmcore.errors import ConfigError, DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import Config, DataConfig, SourceConfig, atomic_write_text
+from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 
 from tokenizers import Tokenizer
 
-from lmcore.config import Config, atomic_write_text
 from lmcore.errors import DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import Config, atomic_write_text
+from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 from lmcore.tokenizer import (
     batch_bytes,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmcore.errors import LmcycleError
-from lmcore.workspace import file_sha256
+from lmcore.lifecycle.workspace import file_sha256
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -97,7 +97,7 @@ def download_verified(client: MlflowClient, uri: str, dst: Path) -> Path:
     own loading (the stock transformers flavor) checks nothing."""
     import mlflow
 
-    from lmcore.registry import resolve
+    from lmcore.lifecycle.registry import resolve
 
     version = resolve(client, uri)
     dst = Path(dst)

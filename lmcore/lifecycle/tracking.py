@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmcycleError
-from lmcore.reporting import Reporter
-from lmcore.workspace import (
+from lmcore.lifecycle.workspace import (
     dvc_hash,
     dvc_lock_outs,
     dvc_stages,
@@ -46,12 +45,13 @@ from lmcore.workspace import (
     original_root,
     stage_param_keys,
 )
+from lmcore.reporting import Reporter
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from lmcore.config import Config
-    from lmcore.paths import Paths
+    from lmcore.lifecycle.config import Config
+    from lmcore.lifecycle.paths import Paths
 
 TRACKING_ENV = "LMCYCLE_TRACKING"
 PARENT_RUN_ENV = "LMCYCLE_PARENT_RUN_ID"
@@ -626,7 +626,7 @@ class SpoolForwarder:
             self._end(state, event)
 
     def _end(self, state: dict[str, Any], event: dict[str, Any]) -> None:
-        from lmcore.paths import Paths
+        from lmcore.lifecycle.paths import Paths
 
         rep: MLflowReporter = state["rep"]
         if (monitor := state.pop("monitor", None)) is not None:

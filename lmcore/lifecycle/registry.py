@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.errors import LmcycleError
-from lmcore.gate import apply_floor, baseline_kind, gate_lease, gate_params_hash, gate_record
-from lmcore.weights import verify_weights, weights_digest, weights_tags
-from lmcore.workspace import (
+from lmcore.errors import CheckpointError, LmcycleError
+from lmcore.lifecycle.gate import apply_floor, baseline_kind, gate_lease, gate_params_hash, gate_record
+from lmcore.lifecycle.weights import verify_weights, weights_digest, weights_tags
+from lmcore.lifecycle.workspace import (
     data_fingerprints,
     dvc_hash,
     dvc_lock_hash,
@@ -51,8 +51,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from lmcore.config import Config
-    from lmcore.paths import Paths
+    from lmcore.lifecycle.config import Config
+    from lmcore.lifecycle.paths import Paths
 
 TAG = "lmcycle."
 HISTORY_TAG = "lmcycle.champion_history"
@@ -87,7 +87,7 @@ def parse_model_uri(uri: str) -> ModelRef:
 def client_for(root: str | Path = ".") -> MlflowClient:
     from mlflow import MlflowClient
 
-    from lmcore.tracking import check_tracking, tracking_uri
+    from lmcore.lifecycle.tracking import check_tracking, tracking_uri
 
     uri = tracking_uri(root)
     check_tracking(uri)
@@ -235,7 +235,7 @@ def model_task(model_dir: Path) -> str:
 
 
 def flat_report(path: Path, prefix: str = "") -> dict[str, Any]:
-    from lmcore.tracking import flatten
+    from lmcore.lifecycle.tracking import flatten
 
     data = json.loads(path.read_text())
     return flatten(data, prefix) if prefix else flatten(data)
@@ -247,7 +247,7 @@ def eval_metrics(paths: Paths) -> tuple[dict[str, float], Path | None, dict[str,
     reports/evaluate.json (one flat namespace like `pretrain.val_bpb`) when it exists; until then the training
     stages' own reports, namespaced by stage (`pretrain.val_bpb`). This is the one place to repoint.
     """
-    from lmcore.tracking import numeric
+    from lmcore.lifecycle.tracking import numeric
 
     evaluate = paths.report("evaluate")
     if evaluate.is_file():
@@ -265,9 +265,9 @@ def eval_metrics(paths: Paths) -> tuple[dict[str, float], Path | None, dict[str,
 
 def eval_fingerprint(paths: Paths, flat: dict[str, Any], metric: str, config: Config) -> str:
     """What a metric was computed on: the report's `<section>.data_fingerprint` (evaluate.json hashes the held-out
-    text of each section) with the settings that change that section's numbers (lmcore.gate), else DVC's hash of
-    the held-out pretraining text (bits-per-byte does not depend on the tokenizer, so only the text matters)."""
-    from lmcore.gate import settings_fingerprint
+    text of each section) with the settings that change that section's numbers (lmcore.lifecycle.gate), else DVC's
+    hash of the held-out pretraining text (bits-per-byte does not depend on the tokenizer, so only the text matters)."""
+    from lmcore.lifecycle.gate import settings_fingerprint
 
     section = metric.split(".")[0]
     declared = flat.get(f"{section}.data_fingerprint")
@@ -380,7 +380,7 @@ def register_model(
     flow_run_id: str | None = None,
 ) -> Registration:
     """Register the workspace's model (or reuse the version with the same lineage), then run the gate."""
-    from lmcore.tracking import connect
+    from lmcore.lifecycle.tracking import connect
 
     root = original_root(paths.root)
     client, experiment_id = connect(root, config.project.experiment)
@@ -405,7 +405,7 @@ def _log_and_register(
 ) -> ModelVersion:
     import mlflow
 
-    from lmcore.tracking import MLflowReporter, environment_tags, lineage_tags
+    from lmcore.lifecycle.tracking import MLflowReporter, environment_tags, lineage_tags
 
     name = config.project.registered_model
     tags = version_tags(paths, config, cand, flow_run_id)
@@ -594,8 +594,8 @@ def apply_gate(
     client: MlflowClient, paths: Paths, config: Config, version: ModelVersion, cand: Candidate, reused: bool
 ) -> Registration:
     """Alias the new version `challenger`; move `champion` to it only if it beats the champion on the same data
-    and its own trivial baseline (lmcore.gate). Runs under the registered model's gate lease, so two registrations
-    at once compare against each other's outcome and neither drops a champion-history entry."""
+    and its own trivial baseline (lmcore.lifecycle.gate). Runs under the registered model's gate lease, so two
+    registrations at once compare against each other's outcome and neither drops a champion-history entry."""
     gate = config.register
     name, value = version.name, cand.value
     with gate_lease(client, name):
@@ -653,8 +653,8 @@ def rescore_val_bpb(model_dir: Path, paths: Paths, config: Config) -> float:
 
     from lmcore.data.shards import TokenShards
     from lmcore.export import import_hf
+    from lmcore.lifecycle.stages.tokenize import tokenize_split
     from lmcore.metrics import evaluate_lm
-    from lmcore.stages.tokenize import tokenize_split
     from lmcore.tokenizer import read_tokenizer, tokenizer_fingerprint
 
     model, mcfg = import_hf(model_dir)
@@ -677,7 +677,7 @@ def _rescore_pretrain(metric: str, model_dir: Path, paths: Paths, config: Config
 def _rescore_sft(metric: str, model_dir: Path, paths: Paths, config: Config) -> float | None:
     """sft.* of a chat model on this workspace's held-out conversations, by the evaluate stage's own scorer."""
     from lmcore.finetune import sft
-    from lmcore.stages.evaluate import sft_scores
+    from lmcore.lifecycle.stages.evaluate import sft_scores
 
     conversations = sft.load_conversations(paths.split_file("sft", "val"))[: config.evaluate.sft_max_examples]
     scores, _ = sft_scores(config, model_dir, conversations, "sft")
@@ -686,7 +686,7 @@ def _rescore_sft(metric: str, model_dir: Path, paths: Paths, config: Config) -> 
 
 def _rescore_classification(metric: str, model_dir: Path, paths: Paths, config: Config) -> float | None:
     """classification.* of a classifier on this workspace's held-out split, by the evaluate stage's own code."""
-    from lmcore.stages.evaluate import evaluate_classification
+    from lmcore.lifecycle.stages.evaluate import evaluate_classification
 
     with tempfile.TemporaryDirectory() as tmp:
         return evaluate_classification(config, paths, model_dir, Path(tmp)).get(metric)
@@ -863,3 +863,14 @@ def rebuild(root: Path, rec: Recipe, directory: Path) -> tuple[bool, str]:
         raise RegistryError(f"{rec.uri}: dvc repro failed in {directory}")
     digest = weights_digest(directory / rec.model_dir)
     return digest == rec.weights_sha256, digest
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """The local directory a `--model` argument names: a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION)
+    is downloaded and verified; anything else is a directory."""
+    if str(model).startswith("models:/"):
+        return local_model_dir(str(model))
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{model}: no such model directory")
+    return path

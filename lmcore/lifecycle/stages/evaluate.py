@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import Config
 from lmcore.errors import CheckpointError, DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import Config
+from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def is_classifier(directory: Path) -> bool:
 def load_lm(directory: Path):
     """(lmcore Transformer in eval mode, tokenizer) of an HF causal-LM directory."""
     from lmcore.export import import_hf
-    from lmcore.stages.finetune import model_tokenizer
+    from lmcore.lifecycle.stages.finetune import model_tokenizer
 
     model, _ = import_hf(directory)
     return model.eval(), model_tokenizer(directory)
@@ -239,7 +239,7 @@ def sft_scores(
 def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: Path) -> dict[str, Any]:
     from lmcore.evaluate import classification_metrics, majority_baseline, plot_confusion_matrix, write_table
     from lmcore.finetune import classification as cls
-    from lmcore.stages.finetune import model_tokenizer
+    from lmcore.lifecycle.stages.finetune import model_tokenizer
 
     cfg = config.finetune
     train_path, val_path = (paths.split_file("classification", s) for s in ("train", "val"))
@@ -322,7 +322,7 @@ def classify_samples(config: Config, directory: Path) -> list[dict[str, Any]]:
     import torch
 
     from lmcore.finetune import classification as cls
-    from lmcore.stages.finetune import model_tokenizer
+    from lmcore.lifecycle.stages.finetune import model_tokenizer
 
     model, labels = cls.import_hf_classifier(directory)
     tokenizer = model_tokenizer(directory)

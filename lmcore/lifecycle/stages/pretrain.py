@@ -5,7 +5,7 @@ models/pretrain/{checkpoint,hf} (the final checkpoint and a Hugging Face Llama d
 reports/pretrain.json (final metrics, no timings) and reports/pretrain/{train.csv,val.csv,loss.png}.
 
 Resumable by design: checkpoints go to checkpoints/pretrain/ (or $LMCYCLE_CHECKPOINT_DIR/<project.name>/pretrain/,
-see lmcore/paths.py), which is NOT a DVC output. `dvc repro` deletes a stage's outputs before running it, so
+see lmcore/lifecycle/paths.py), which is NOT a DVC output. `dvc repro` deletes a stage's outputs before running it, so
 checkpoints kept under models/pretrain would vanish exactly when a rerun after a crash or preemption needs them.
 Each checkpoint carries a fingerprint of what determines the run (the `model` and `pretrain` params except pure
 bookkeeping and launcher keys, project.seed, the tokenizer fingerprint, the shard indexes, and the init_from
@@ -30,9 +30,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.errors import CheckpointError, ConfigError, DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import LAUNCH_KEYS, Config, atomic_write_text
+from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 
 if TYPE_CHECKING:

@@ -24,10 +24,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lmcore.config import Config, TokenizeConfig, atomic_write_text
 from lmcore.data.shards import ShardWriter, token_dtype
 from lmcore.errors import DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import Config, TokenizeConfig, atomic_write_text
+from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 from lmcore.tokenizer import (
     atomic_directory,

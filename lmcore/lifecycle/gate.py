@@ -1,4 +1,4 @@
-"""The promotion gate's guards around lmcore.registry's decision: the quality floor, what the gate metric was
+"""The promotion gate's guards around lmcore.lifecycle.registry's decision: the quality floor, what the gate metric was
 computed on, the reuse key of a decision, and a lease that serialises concurrent gates.
 
 Design choices:
@@ -31,7 +31,7 @@ from lmcore.errors import LmcycleError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from lmcore.config import Config
+    from lmcore.lifecycle.config import Config
 
 LEASE_TAG = "lmcycle.gate_lease"
 

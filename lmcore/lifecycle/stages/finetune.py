@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcore.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.errors import CheckpointError, ConfigError, DataError
-from lmcore.paths import Paths
+from lmcore.lifecycle.config import LAUNCH_KEYS, Config, atomic_write_text
+from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 
 if TYPE_CHECKING:
