@@ -225,6 +225,24 @@ def test_resume_after_a_crash_is_bit_identical_with_dropout(shards, tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_0000008", "step_0000012"]
 
 
+def test_a_resume_with_other_resolved_numerics_says_so_in_one_line(shards, tmp_path: Path, capfd) -> None:
+    """`threads: 0` and the `auto` settings resolve per machine: the checkpoint records what they resolved to, and
+    a resume under other values (here 1 thread, then 2) says in one line that it is no longer bit-identical."""
+    with pytest.raises(RuntimeError, match="crash after step 4"):
+        run_loop(shards, tmp_path, callbacks=[Crash(4)], steps=8, dropout=0.0)
+    saved = ckpt.read_meta(tmp_path / "step_0000004")["numerics"]
+    assert saved == {"device": "cpu", "dtype": "float32", "threads": 1, "batch_split": 1, "compile": False}
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="crash after step 8"):
+        run_loop(shards, tmp_path, callbacks=[Crash(8)], steps=12, dropout=0.0)
+    assert "other numerics" not in capfd.readouterr().err  # same machine, same settings: a silent, exact resume
+    torch.set_num_threads(2)
+    _, result = run_loop(shards, tmp_path, steps=12, dropout=0.0, batch_split=1)
+    assert result.resumed_from == 8
+    notes = [line for line in capfd.readouterr().err.splitlines() if "other numerics" in line]
+    assert len(notes) == 1 and "threads 1 → 2" in notes[0], notes
+
+
 def test_two_runs_are_bit_identical_and_dropout_changes_them(shards) -> None:
     a, _ = run_loop(shards, None, steps=4)
     b, _ = run_loop(shards, None, steps=4)

@@ -193,9 +193,11 @@ def train(
     )
     if how:
         _say(env, f"{name}: {how}")
+    numerics = resolved_numerics(device_type, dtype, torch.get_num_threads(), parts, compiling)
+    meta = {**(meta or {}), "numerics": numerics}
 
     state = _State()
-    resumed_from = _resume(model, optimizer, state, env, checkpoint_dir, fingerprint, name)
+    resumed_from = _resume(model, optimizer, state, env, checkpoint_dir, fingerprint, name, numerics)
     if resumed_from is None:
         seed_everything(seed + env.rank)  # distinct dropout masks per rank, fixed per run
     peak = peak_flops(device_type, torch.cuda.current_device() if device_type == "cuda" else 0)
@@ -446,7 +448,34 @@ def _evaluate(wrapped, model, evaluate_fn, device_type, dtype) -> dict[str, floa
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _resume(model, optimizer, state: _State, env: DistEnv, root: Path | None, fp: str, name: str) -> int | None:
+def resolved_numerics(device_type: str, dtype: Any, threads: int, parts: int, compiling: bool) -> dict[str, Any]:
+    """The settings that pick a run's floating-point code paths, as they resolved on this machine (`auto` and
+    `threads: 0` say nothing by themselves): written into every checkpoint and compared on resume."""
+    return {
+        "device": device_type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": int(threads),
+        "batch_split": int(parts),
+        "compile": bool(compiling),
+    }
+
+
+def numerics_note(saved: dict[str, Any] | None, now: dict[str, Any], name: str, path: Path) -> str | None:
+    """One line when a checkpoint was written with other resolved numerics than this run's (None if the same, or
+    if the checkpoint predates the record): the resume goes on, but is no longer bit-identical to a run that was
+    never interrupted."""
+    if not saved or saved == now:
+        return None
+    changed = ", ".join(f"{key} {saved.get(key)} → {now.get(key)}" for key in now if saved.get(key) != now.get(key))
+    return (
+        f"{name}: resuming {path} with other numerics ({changed}): the result will not be bit-identical to an "
+        f"uninterrupted run; pin {name}.threads, {name}.dtype, {name}.device and {name}.batch_split to avoid this"
+    )
+
+
+def _resume(
+    model, optimizer, state: _State, env: DistEnv, root: Path | None, fp: str, name: str, numerics: dict[str, Any]
+) -> int | None:
     if root is None:
         return None
     found = ckpt.find_resumable(root, fp) if env.is_main else None
@@ -457,6 +486,8 @@ def _resume(model, optimizer, state: _State, env: DistEnv, root: Path | None, fp
     meta = ckpt.read_meta(path)
     note = check_process_count(model, int(meta.get("world_size", 1)), env, name, path)  # refuses what can't resume
     if note:
+        _say(env, note)
+    if note := numerics_note(meta.get("numerics"), numerics, name, path):
         _say(env, note)
     ckpt.load_model_state(model, ckpt.load_weights(path))
     trainer = ckpt.load_trainer(path)
