@@ -9,6 +9,7 @@ safetensors: pickled `.bin` checkpoints are refused, never unpickled. Directorie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -322,10 +323,9 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's model.safetensors (or its shards); pickled weights are refused."""
-    from safetensors.torch import load_file
-
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files holding a directory's weights: model.safetensors, or the shards its index lists
+    (sorted); pickled weights are refused."""
     directory = Path(directory)
     single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
     if index.is_file():
@@ -343,10 +343,39 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
                 f"{directory / pickled[0]}: pickled weights are not loaded (unsafe); convert them to safetensors"
             )
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
-    state: dict[str, torch.Tensor] = {}
     for path in paths:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed in {WEIGHTS_INDEX_FILE})")
+    return paths
+
+
+def init_weights_digest(directory: str | Path) -> str:
+    """SHA-256 naming the weights of a model directory a stage starts from: the digest of model.safetensors when
+    it is one file, else the digest of the index and of every shard in turn (so a changed shard changes it)."""
+    paths = weight_files(directory)
+    if len(paths) == 1 and paths[0].name == WEIGHTS_FILE:
+        return _sha256(paths[0])
+    h = hashlib.sha256(_sha256(Path(directory) / WEIGHTS_INDEX_FILE).encode())
+    for path in paths:
+        h.update(f"{path.name}:{_sha256(path)}".encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's model.safetensors (or its shards); pickled weights are refused."""
+    from safetensors.torch import load_file
+
+    paths = weight_files(directory)
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
         try:
             state |= load_file(str(path))
         except Exception as err:  # SafetensorError, OSError, or a header that is not JSON

@@ -101,6 +101,37 @@ def test_import_of_a_model_saved_by_transformers(tmp_path: Path) -> None:
         torch.testing.assert_close(model.eval()(x), hf(x).logits, atol=1e-5, rtol=1e-6)
 
 
+def test_init_weights_digest_names_every_shard(tmp_path: Path) -> None:
+    """One model.safetensors: its own SHA-256 (as checkpoints always recorded); shards: every shard counts."""
+    import hashlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmcore.errors import CheckpointError
+    from lmcore.export import init_weights_digest
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(
+        LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
+    hf.save_pretrained(tmp_path / "one")
+    one = tmp_path / "one" / "model.safetensors"
+    assert init_weights_digest(tmp_path / "one") == hashlib.sha256(one.read_bytes()).hexdigest()
+    hf.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    shards = sorted((tmp_path / "shards").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    before = init_weights_digest(tmp_path / "shards")
+    assert before != init_weights_digest(tmp_path / "one")
+    last = shards[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 1  # one bit of the last shard's last tensor
+    last.write_bytes(bytes(data))
+    assert init_weights_digest(tmp_path / "shards") != before
+    last.unlink()
+    with pytest.raises(CheckpointError, match=f"{last.name}: missing"):
+        init_weights_digest(tmp_path / "shards")
+
+
 def _copy(src: Path, dest: Path, **config_changes) -> Path:
     shutil.copytree(src, dest)
     config = json.loads((dest / "config.json").read_text()) | config_changes

@@ -286,15 +286,26 @@ def first_logged_loss(ws: Path) -> float:
 
 
 def test_init_from_an_exported_model_continues_pretraining(data_workspace, tiny_run, tmp_path: Path) -> None:
+    """From a copy of the exported model saved by transformers in shards: the fingerprint names every shard."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lmcore.export import init_weights_digest
+
     base = tiny_run
-    ws = copy_workspace(
-        data_workspace, tmp_path / "ws", pretrain={"threads": 1, "init_from": str(base / "models/pretrain/hf")}
-    )
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base / "models/pretrain/hf").save_pretrained(sharded, max_shard_size="20KB")
+    for name in (base / "models/pretrain/hf").iterdir():
+        if "token" in name.name:
+            shutil.copy(name, sharded / name.name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ws = copy_workspace(data_workspace, tmp_path / "ws", pretrain={"threads": 1, "init_from": str(sharded)})
     lmcycle("stage", "pretrain", cwd=ws)
     first_loss = [first_logged_loss(p) for p in (base, ws)]
     assert first_loss[1] < first_loss[0] - 0.2  # starts where the base model ended, not from scratch
     meta = json.loads((ws / "models/pretrain/checkpoint/meta.json").read_text())
-    assert meta["inputs"]["init_from"]
+    assert meta["inputs"]["init_from"] == init_weights_digest(sharded)[:16]
 
 
 # --- data parallel -------------------------------------------------------------------------------------------

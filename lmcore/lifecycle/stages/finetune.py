@@ -71,7 +71,7 @@ def run(config: Config, paths: Paths) -> dict:
 def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     import torch
 
-    from lmcore.export import import_hf
+    from lmcore.export import import_hf, init_weights_digest
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
     from lmcore.train.checkpoint import fingerprint
@@ -96,7 +96,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     model.to(env.device)
 
     inputs = {
-        "init_from": file_digest(init_dir / "model.safetensors"),
+        "init_from": init_weights_digest(init_dir),  # one file or every shard
         "init_config": file_digest(init_dir / "config.json"),
         **{f"data_{split}": file_digest(paths.split_file(cfg.task, split)) for split in ("train", "val")},
     }
