@@ -21,7 +21,10 @@ def test_rebuild_outlook_on_the_same_and_on_another_machine() -> None:
 
     here = environment(Path("."))
     assert rebuild_outlook(here, here).startswith("bit-identical rebuild here: expected")
-    for key, other in [("cpu_model", "Another CPU"), ("cpu_isa", "sse4_2"), ("mkl_cbwr", "AVX2"), ("threads", "64")]:
+    assert here["aten_cpu"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256"}
+    changes = [("cpu_model", "Another CPU"), ("cpu_isa", "sse4_2"), ("mkl_cbwr", "AVX2")]
+    changes.append(("aten_cpu", "DEFAULT" if here["aten_cpu"] != "DEFAULT" else "AVX2"))
+    for key, other in [*changes, ("threads", "64")]:
         line = rebuild_outlook({**here, key: other}, here)
         assert line.startswith("bit-identical rebuild here: not expected (") and f"{key} {other!r} there" in line
     assert "unknown" in rebuild_outlook({"torch": here["torch"]}, here)

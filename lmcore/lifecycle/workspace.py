@@ -258,6 +258,7 @@ def environment(root: Path) -> dict[str, str]:
         env["torch"] = torch.__version__
         env["torch_build"] = f"cuda {cuda}" if cuda else "cpu"
         env["threads"] = str(torch.get_num_threads())
+        env["aten_cpu"] = torch.backends.cpu.get_cpu_capability()  # PyTorch's own kernels (ATEN_CPU_CAPABILITY pins)
         if torch.cuda.is_available():
             env["device"] = f"cuda ({torch.cuda.get_device_name(0)}) x{torch.cuda.device_count()}"
         elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -268,8 +269,9 @@ def environment(root: Path) -> dict[str, str]:
 
 
 # What decides whether two CPUs give bit-identical training: the same kernels on the same ISA through the same
-# BLAS, on the same thread count (MKL picks its code path per CPU unless MKL_CBWR pins one).
-NUMERICS_KEYS = ("cpu_model", "cpu_isa", "mkl_cbwr", "torch", "threads", "device")
+# BLAS, on the same thread count (MKL picks its code path per CPU unless MKL_CBWR pins one; PyTorch picks its own
+# vectorised kernels per CPU unless ATEN_CPU_CAPABILITY pins them: bench/pinned_numerics.py).
+NUMERICS_KEYS = ("cpu_model", "cpu_isa", "mkl_cbwr", "aten_cpu", "torch", "threads", "device")
 
 
 def cpu_numerics() -> dict[str, str]:
@@ -297,7 +299,7 @@ def rebuild_outlook(recorded: dict[str, str], here: dict[str, str]) -> str:
     differ = [f"{k} {recorded[k]!r} there, {here.get(k, '?')!r} here" for k in known if recorded[k] != here.get(k)]
     if differ:
         return "bit-identical rebuild here: not expected (" + "; ".join(differ) + ")"
-    return "bit-identical rebuild here: expected (same CPU model, ISA, MKL mode, torch, threads and device)"
+    return "bit-identical rebuild here: expected (same CPU model, ISA, MKL mode, torch kernels, threads and device)"
 
 
 # --- lock --------------------------------------------------------------------------------------------------
