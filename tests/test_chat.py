@@ -49,32 +49,45 @@ def endless_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
 
 
 def test_history_is_fitted_to_the_window_oldest_first(tokenizer) -> None:
-    chat = Chat(tokenizer, context_length=64, max_new_tokens=16, system="Be brief.")
-    assert chat.budget == 48 == prompt_budget(64, 16)
+    chat = Chat(tokenizer, context_length=128, max_new_tokens=16, system="Be brief.")
+    assert chat.budget == 112 == prompt_budget(128, 16)
     history: list[dict[str, str]] = []
-    notes = []
-    for i in range(8):
-        user = f"Question {i}: who begat whom?"
-        ids, note = chat.prompt(user)
+    notes, kept_after_drops = [], []
+    for i in range(10):
+        user = {"role": "user", "content": f"Question {i}?"}
+        ids, note = chat.prompt(user["content"])
         notes.append(note)
         text = tokenizer.decode(ids)
         assert len(ids) <= chat.budget
-        assert text.startswith("<|bos|><|system|>Be brief.<|end|><|user|>") and text.endswith(
-            f"{user}<|end|><|assistant|>"
-        )
+        assert text.startswith("<|bos|><|system|>Be brief.<|end|><|user|>")
+        assert text.endswith(f"{user['content']}<|end|><|assistant|>")
         # what is kept is the longest run of the latest exchanges that fits: one more would not
         kept = len(chat.turns)
-        assert chat.turns == history[len(history) - kept :] if kept else True
+        assert kept % 2 == 0 and chat.turns == history[len(history) - kept :]
         if kept < len(history):
-            assert len(chat.encode(history[len(history) - kept - 2 :] + [{"role": "user", "content": user}])) > 48
-        reply_text = f"Answer {i}: Adam begat Seth."
-        chat.record(user, reply_text)
-        history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply_text}]
+            kept_after_drops.append(kept)
+            assert len(chat.encode([*history[len(history) - kept - 2 :], user])) > chat.budget
+        answer = f"Answer {i}:" + " Adam begat Seth." * (1 + i % 3)  # exchanges of unequal lengths
+        assistant = {"role": "assistant", "content": answer}
+        chat.record(user["content"], assistant["content"])
+        history += [user, assistant]
     said = [n for n in notes if n]
-    assert len(said) == 1 and "64-token context" in said[0] and "system prompt stays" in said[0]
-    assert notes.index(said[0]) >= 1 and len(chat.turns) < len(history)  # turns were dropped after the note, too
+    assert len(said) == 1 and "128-token context" in said[0] and "system prompt stays" in said[0]
+    assert notes.index(said[0]) >= 2 and len(kept_after_drops) > 1  # dropping went on after the one note
+    assert min(kept_after_drops) >= 2  # whole exchanges: the history still starts with a user turn
     chat.reset()
     assert chat.turns == [] and tokenizer.decode(chat.prompt("Hello")[0]).count("<|user|>") == 1
+    # a long first message: dropping it alone would fit, but its reply goes with it
+    chat.reset()
+    chat.record("And it came to pass, " * 12, "Yes.")
+    chat.record("Hi", "Hello.")
+    message = "Who begat whom? " * 8
+    assert len(chat.encode([*chat.turns, {"role": "user", "content": message}])) > chat.budget
+    assert len(chat.encode([*chat.turns[1:], {"role": "user", "content": message}])) <= chat.budget
+    assert chat.prompt(message)[1] is None and chat.turns == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
 
 
 def test_a_message_or_system_prompt_too_long_for_the_window_is_refused(tokenizer) -> None:
