@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flows.chat import chat
+from flows.chat import chat as chat_command
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle.stages import STAGES
 
@@ -453,7 +453,7 @@ def generate(
         typer.echo(text if chat else prompt + text)
 
 
-app.command()(chat)
+app.command(name="chat")(chat_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
