@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from flows.chat import chat as chat_command
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle.stages import STAGES
 
@@ -86,8 +87,25 @@ def launch_plan(name: str, params: Path):
     return plan(name, getattr(load_config(params), name))
 
 
+def _version(show: bool) -> None:
+    if not show:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("lmcycle")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        from lmcore import __version__ as number
+    typer.echo(f"lmcycle {number}")
+    raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="print the version and exit")
+    ] = False,
+) -> None:
     _telemetry_off()
 
 
@@ -433,6 +451,9 @@ def generate(
     for i, text in enumerate(texts, 1):
         typer.echo(f"--- sample {i} ---")
         typer.echo(text if chat else prompt + text)
+
+
+app.command(name="chat")(chat_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

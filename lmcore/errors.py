@@ -19,3 +19,7 @@ class CheckpointError(LmcycleError):
 
 class DiskFullError(LmcycleError):
     """A write ran out of space (ENOSPC) or quota (EDQUOT): the message names the path being written."""
+
+
+class ChatError(LmcycleError):
+    """A chat turn that cannot be answered (e.g. it does not fit the model's context window)."""
