@@ -75,9 +75,13 @@ def push(root: str | Path) -> dict[str, Any]:
     """`dvc push --run-cache`: every cached output of the workspace and the run cache, to the default remote."""
     from dvc.repo import Repo
 
+    from flows.runcache import save_ingest_entry
+
     remote = default_remote(root)
     try:
         with _quiet_dvc(), Repo(str(root)) as repo:
+            with repo.lock:
+                save_ingest_entry(repo, root)  # the always-changed ingest's entry, kept by flows.runcache
             pushed = repo.push(run_cache=True)
             pushed += _push_run_cache_outputs(repo, remote)
     except Exception as err:  # noqa: BLE001 (DVC errors, and OSError or a cloud SDK's own from the file systems)
