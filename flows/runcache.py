@@ -55,7 +55,7 @@ def save_ingest_run_cache(root: str | Path) -> bool:
     try:
         with _quiet_dvc(), Repo(str(root)) as repo, repo.lock:
             return save_ingest_entry(repo, root)
-    except DvcException:
+    except (DvcException, OSError):  # the stage runs, and DVC says what is wrong if it matters
         return False
 
 
@@ -93,6 +93,6 @@ def restore_ingest(root: str | Path, pull: bool = False) -> bool:
             stage.save(run_cache=False)
             stage.commit()
             stage.dump(update_pipeline=False)
-    except DvcException:
+    except (DvcException, OSError):  # the stage runs, and DVC says what is wrong if it matters
         return False
     return True
