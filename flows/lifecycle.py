@@ -341,7 +341,8 @@ def dvc_stage(
     import shutil
     import uuid
 
-    from flows.remote import ingest_up_to_date
+    from flows.remote import INGEST_STAGE, ingest_up_to_date
+    from flows.runcache import restore_ingest, save_ingest_run_cache
     from lmcore.lifecycle.tracking import SPOOL_ENV
 
     logger = get_run_logger()
@@ -352,6 +353,10 @@ def dvc_stage(
         seconds = round(time.monotonic() - started, 3)
         data = StageResult(name, "skipped", seconds, 0).summary()
         return Completed(name="Skipped", message="up to date: sources unchanged", data=data)
+    if not force and name == INGEST_STAGE and restore_ingest(root, pull=pull):
+        logger.info("%s: outputs restored from the run cache; the sources' fingerprints unchanged", name)
+        data = StageResult(name, "restored", round(time.monotonic() - started, 3), 0).summary()
+        return Completed(name="Restored", message="DVC: outputs restored from the run cache", data=data)
     forwarder: Any = contextlib.nullcontext()
     spool = root / ".lmcycle" / "spool" / uuid.uuid4().hex
     if tracking is not None:
@@ -383,6 +388,8 @@ def dvc_stage(
             description=f"stage {name} {why}",
         )
         raise StageFailed(f"stage {name} {why}")
+    if result.state == "ran" and name == INGEST_STAGE:
+        save_ingest_run_cache(root)  # DVC keeps none for an always-changed stage (flows/runcache.py)
     if result.state in {"skipped", "restored"}:
         label = "Skipped" if result.state == "skipped" else "Restored"
         message = "DVC: up to date" if result.state == "skipped" else "DVC: outputs restored from the run cache"

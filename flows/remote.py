@@ -7,7 +7,8 @@ Design choices:
 - Pulling is tolerant by design (`dvc_pull_step`, a Prefect deployment pull step): no remote, an empty remote or
   a remote that lacks some outputs is not an error, since the stages that miss data recompute it.
 - `ingest` is `always_changed` in dvc.yaml (its sources may live outside the repository) and DVC never uses the run
-  cache or a lock entry to skip such a stage. The flow skips it when DVC finds everything else of the stage
+  cache or a lock entry to skip such a stage (flows/runcache.py keeps and restores a run-cache entry for it; a push
+  saves it first). The flow skips it when DVC finds everything else of the stage
   unchanged (command, code, params, outputs as in dvc.lock) and the sources' fingerprints (file digests, package
   versions, dataset fingerprints; lmcore.data.sources) equal those recorded in its report by the run that wrote the
   outputs: the same inputs give byte-identical outputs (lmcore/lifecycle/stages/ingest.py), so running it would
@@ -76,9 +77,13 @@ def push(root: str | Path) -> dict[str, Any]:
     """`dvc push --run-cache`: every cached output of the workspace and the run cache, to the default remote."""
     from dvc.repo import Repo
 
+    from flows.runcache import save_ingest_entry
+
     remote = default_remote(root)
     try:
         with _quiet_dvc(), Repo(str(root)) as repo:
+            with repo.lock:
+                save_ingest_entry(repo, root)  # the always-changed ingest's entry, kept by flows.runcache
             pushed = repo.push(run_cache=True)
             pushed += _push_run_cache_outputs(repo, remote)
     except Exception as err:  # noqa: BLE001 (DVC errors, and OSError or a cloud SDK's own from the file systems)

@@ -78,7 +78,7 @@ def test_a_model_file_edit_makes_evaluate_stale(tmp_path: Path) -> None:
             path.mkdir(parents=True)
             (path / "stand-in.txt").write_text(dep)
     for entry in [*stage["metrics"], *stage["plots"], *stage["outs"]]:
-        out = root / next(iter(entry))
+        out = root / (entry if isinstance(entry, str) else next(iter(entry)))  # `- path` or `- path: {options}`
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("{}")
     run(["dvc", "commit", "-f", "evaluate"], root)
