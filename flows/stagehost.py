@@ -59,6 +59,8 @@ PRELOAD = [
     "torch._dynamo",
     "safetensors.torch",
     "lmcore.model",
+    "lmcore.kernels",
+    "lmcore.engine",
     "lmcore.train.loop",
     "lmcore.stages.pretrain",
     "lmcore.stages.finetune",
