@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from lmcore.engine import SamplingConfig, generate
 from lmcore.export import hf_config_dict, to_hf_state_dict
-from lmcore.generate import SamplingConfig, generate
 from lmcore.model import PRESETS, ModelConfig, Transformer
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lmcore.export import hf_config_dict, to_hf_state_dict
+from lmcore.kernels import use_fast_kernels
 from lmcore.model import PRESETS, ModelConfig, Transformer
 from lmcore.train.compile import compile_choice, compile_model
 from lmcore.train.split import SplitBackward, split_choice
@@ -41,7 +42,7 @@ def build_pair(config: ModelConfig) -> tuple[Transformer, torch.nn.Module]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    ours = Transformer(config)
+    ours = use_fast_kernels(Transformer(config))  # as the training loop trains it
     hf_config = LlamaConfig.from_dict(hf_config_dict(config))
     hf_config._attn_implementation = "sdpa"
     theirs = LlamaForCausalLM(hf_config)

@@ -18,7 +18,7 @@ from lmcore.errors import LmcycleError
 
 if TYPE_CHECKING:
     from lmcore.chat import Chat
-    from lmcore.generate import SamplingConfig
+    from lmcore.engine import SamplingConfig
     from lmcore.model import Transformer
 
 USER_PROMPT = "you> "
@@ -40,7 +40,8 @@ def chat(
 ) -> None:
     """Talk with a model: a multi-turn conversation in its chat template, each reply streamed as it is generated."""
     from lmcore.chat import Chat
-    from lmcore.generate import SamplingConfig, load_model
+    from lmcore.engine import SamplingConfig
+    from lmcore.generate import load_model
     from lmcore.lifecycle.registry import resolve_model_path
 
     try:

@@ -420,7 +420,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="apply the chat template and stop at the end of the turn")] = False,
 ) -> None:
     """Sample from a model with its KV cache, streaming the text to the terminal."""
-    from lmcore.generate import SamplingConfig, generate_text, load_model
+    from lmcore.engine import SamplingConfig
+    from lmcore.generate import generate_text, load_model
     from lmcore.lifecycle.registry import resolve_model_path
 
     try:

@@ -59,6 +59,8 @@ PRELOAD = [
     "torch._dynamo",
     "safetensors.torch",
     "lmcore.model",
+    "lmcore.kernels",
+    "lmcore.engine",
     "lmcore.train.loop",
     "lmcore.lifecycle.stages.pretrain",
     "lmcore.lifecycle.stages.finetune",

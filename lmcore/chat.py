@@ -18,7 +18,7 @@ from lmcore.errors import ChatError, CheckpointError
 if TYPE_CHECKING:
     import torch
 
-    from lmcore.generate import SamplingConfig
+    from lmcore.engine import SamplingConfig
     from lmcore.model import Transformer
 
 Message = dict[str, str]
@@ -132,7 +132,8 @@ def reply(
 ) -> str:
     """The assistant's answer to a prompt from `Chat.prompt`, ending at the end of its turn (or EOS); `on_text`
     receives it piece by piece. An interruption (KeyboardInterrupt) propagates after the text so far is passed on."""
-    from lmcore.generate import generate, stop_tokens
+    from lmcore.engine import generate
+    from lmcore.generate import stop_tokens
 
     stops = tuple(cfg.stop_token_ids) + stop_tokens(tokenizer, chat=True)
     cfg = dataclasses.replace(cfg, stop_token_ids=stops, num_samples=1)

@@ -17,8 +17,9 @@ import pytest
 from conftest import lmcycle, tiny_model
 
 from lmcore.chat import Chat, TextStream, prompt_budget, reply
+from lmcore.engine import SamplingConfig
 from lmcore.errors import ChatError
-from lmcore.generate import SamplingConfig, load_model
+from lmcore.generate import load_model
 
 WAIT_S = 300  # a guard against a hung child on a loaded machine, not a timing assertion
 

@@ -10,17 +10,8 @@ import pytest
 import torch
 from conftest import lmcycle, tiny_model
 
-from lmcore.generate import (
-    IncrementalDecoder,
-    SamplingConfig,
-    encode_prompt,
-    generate,
-    generate_text,
-    load_model,
-    next_token,
-    stop_tokens,
-    stream_tokens,
-)
+from lmcore.engine import SamplingConfig, generate, next_token, stream_tokens
+from lmcore.generate import IncrementalDecoder, encode_prompt, generate_text, load_model, stop_tokens
 
 PROMPT = [1, 47, 84, 267, 305, 77]
 OTHER = [1, 62, 99, 13]

@@ -1,7 +1,7 @@
-"""The lmcore Transformer: the same numbers as transformers' LlamaForCausalLM (logits, loss, gradients), a KV
-cache and left padding that change nothing, hand-written gradients equal to autograd's, presets of the
-advertised size, and bit-for-bit repeatable training steps on CPU. The single-token Decoder gives the logits of
-the full forward pass."""
+"""The lmcore Transformer: the same numbers as transformers' LlamaForCausalLM (logits, loss, gradients) with and
+without the hand-written gradients, which equal autograd's and swap in without changing a forward; a KV cache and
+left padding that change nothing, presets of the advertised size, and bit-for-bit repeatable training steps on
+CPU. The single-token Decoder gives the logits of the full forward pass."""
 
 from __future__ import annotations
 
@@ -13,18 +13,21 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from lmcore.engine import Decoder, KVCache
 from lmcore.errors import ConfigError
 from lmcore.export import from_hf_state_dict, hf_config_dict, to_hf_state_dict
-from lmcore.model import (
-    IGNORE_INDEX,
-    PRESETS,
-    Decoder,
-    KVCache,
+from lmcore.kernels import (
     LinearCrossEntropyFunction,
-    ModelConfig,
     RMSNormFunction,
     SplitRotaryFunction,
     SwiGLUFunction,
+    fused_linear_cross_entropy,
+    use_fast_kernels,
+)
+from lmcore.model import (
+    IGNORE_INDEX,
+    PRESETS,
+    ModelConfig,
     Transformer,
     chunked_cross_entropy,
     rope_tables,
@@ -45,9 +48,12 @@ def hf_twin(model: Transformer):
     return hf.train(model.training)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["kernels", "plain"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_logits_loss_and_gradients_match_transformers(tied: bool) -> None:
+def test_logits_loss_and_gradients_match_transformers(tied: bool, fast: bool) -> None:
     model = tiny_model(init_std=0.02, tie_embeddings=tied).train()
+    if fast:
+        use_fast_kernels(model)
     hf = hf_twin(model)
     x = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -134,7 +140,7 @@ def test_left_padding_is_invisible() -> None:
 
 
 def test_packed_documents_are_computed_as_if_alone() -> None:
-    model = tiny_model().train()  # training mode: the path fine-tuning runs, hand-written gradients included
+    model = use_fast_kernels(tiny_model().train())  # the path fine-tuning runs, hand-written gradients included
     docs = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 14, 5)]
     ids = torch.cat([*docs, torch.zeros(4, dtype=torch.long)])[None]  # three documents, then padding
     segments = torch.cat([torch.full((len(d),), i + 1) for i, d in enumerate(docs)] + [torch.zeros(4)]).long()[None]
@@ -158,6 +164,23 @@ def test_context_length_is_enforced() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="exceeds the context length 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_fast_kernels_swap_in_place_and_change_no_forward() -> None:
+    model = tiny_model()
+    x = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = model(x), model(x[:, :-1], x[:, 1:])
+    params, names = dict(model.named_parameters()), list(model.state_dict())
+    assert use_fast_kernels(model) is model
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"FastTransformer", "FastRMSNorm", "FastAttention", "FastMLP"} <= kinds
+    assert not kinds & {"Transformer", "RMSNorm", "Attention", "MLP"}
+    use_fast_kernels(model)  # a second time changes nothing
+    assert list(model.state_dict()) == names
+    assert all(p is params[name] for name, p in model.named_parameters())  # an optimizer made before still holds
+    with torch.no_grad():  # without a gradient to compute, the swapped layers run the model's plain math
+        assert torch.equal(model(x), logits) and torch.equal(model(x[:, :-1], x[:, 1:]), loss)
 
 
 def test_hand_written_gradients_equal_autograd() -> None:
@@ -192,14 +215,15 @@ def test_chunked_loss_equals_cross_entropy() -> None:
         per_token = chunked_cross_entropy(h, weight, targets, chunk=8, reduction="none")
     torch.testing.assert_close(per_token, reference.view(2, 37), atol=1e-5, rtol=0)
     assert (per_token[1, 30:] == 0).all()
-    loss = chunked_cross_entropy(h, weight, targets, chunk=8)
-    torch.testing.assert_close(loss, reference.sum() / (targets != IGNORE_INDEX).sum(), atol=1e-5, rtol=0)
+    for loss_fn in (chunked_cross_entropy, fused_linear_cross_entropy):
+        loss = loss_fn(h, weight, targets, chunk=8)
+        torch.testing.assert_close(loss, reference.sum() / (targets != IGNORE_INDEX).sum(), atol=1e-5, rtol=0)
 
-    everything_ignored = torch.full_like(targets, IGNORE_INDEX)
-    h.grad = None
-    loss = chunked_cross_entropy(h, weight, everything_ignored)
-    loss.backward()
-    assert loss.item() == 0 and (h.grad == 0).all()
+        everything_ignored = torch.full_like(targets, IGNORE_INDEX)
+        h.grad = None
+        loss = loss_fn(h, weight, everything_ignored)
+        loss.backward()
+        assert loss.item() == 0 and (h.grad == 0).all()
 
 
 def test_token_losses_match_the_mean_loss() -> None:
@@ -213,7 +237,7 @@ def test_token_losses_match_the_mean_loss() -> None:
 
 
 def test_bf16_autocast_trains() -> None:
-    model = tiny_model(init_std=0.02).train()
+    model = use_fast_kernels(tiny_model(init_std=0.02).train())
     x = torch.randint(0, 512, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(x[:, :-1], x[:, 1:])
@@ -223,7 +247,7 @@ def test_bf16_autocast_trains() -> None:
 
 def test_training_steps_repeat_bit_for_bit() -> None:
     def two_steps() -> list[torch.Tensor]:
-        model = tiny_model(init_std=0.02, dropout=0.1).train()
+        model = use_fast_kernels(tiny_model(init_std=0.02, dropout=0.1).train())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         x = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(3))
         for _ in range(2):

@@ -66,8 +66,8 @@ def run(cmd: list[str], cwd: Path) -> str:
 
 def test_a_model_file_edit_makes_evaluate_stale(tmp_path: Path) -> None:
     """The stale-evaluate scenario with real DVC: record evaluate in dvc.lock (`dvc commit` over stand-in inputs
-    and outputs: what is under test is DVC's view of the code deps, not the stage's work), edit the model file
-    that decoding runs, and `dvc status` must call evaluate changed."""
+    and outputs: what is under test is DVC's view of the code deps, not the stage's work), edit the decoder
+    (lmcore/engine.py), and `dvc status` must call evaluate changed."""
     from conftest import make_workspace
 
     root = make_workspace(tmp_path / "ws", {})
@@ -83,10 +83,10 @@ def test_a_model_file_edit_makes_evaluate_stale(tmp_path: Path) -> None:
         out.write_text("{}")
     run(["dvc", "commit", "-f", "evaluate"], root)
     assert "up to date" in run(["dvc", "status", "evaluate"], root).lower()
-    with (root / "lmcore" / "model.py").open("a") as f:
-        f.write("\n# an edit to the math that decoding runs\n")
+    with (root / "lmcore" / "engine.py").open("a") as f:
+        f.write("\n# an edit to the decoder\n")
     status = run(["dvc", "status", "evaluate"], root)
-    assert "evaluate:" in status and "lmcore/model.py" in status, status
+    assert "evaluate:" in status and "lmcore/engine.py" in status, status
 
 
 def test_dvc_outside_the_tested_range_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -251,6 +251,17 @@ def test_two_runs_are_bit_identical_and_dropout_changes_them(shards) -> None:
     assert weights_digest(a.state_dict()) != weights_digest(c.state_dict())
 
 
+def test_the_loop_trains_with_the_hand_written_gradients(shards) -> None:
+    """lmcore.kernels enters at one place, the loop: every layer of the model it trains is swapped."""
+    from lmcore.kernels import FastAttention, FastMLP, FastRMSNorm, FastTransformer
+
+    model, _ = run_loop(shards, None, steps=1)
+    assert isinstance(model, FastTransformer) and isinstance(model.norm, FastRMSNorm)
+    for block in model.blocks:
+        assert isinstance(block.attn, FastAttention) and isinstance(block.mlp, FastMLP)
+        assert isinstance(block.attn_norm, FastRMSNorm) and isinstance(block.mlp_norm, FastRMSNorm)
+
+
 @needs_cpu_compile
 def test_compiled_training_tracks_eager_and_resumes_bit_identically(shards, tmp_path: Path) -> None:
     from torch._dynamo.utils import counters

@@ -174,6 +174,10 @@ def train(
     """Train `model` (already on env.device) for cfg.steps optimizer steps, resuming from checkpoint_dir."""
     import torch
 
+    from lmcore.kernels import use_fast_kernels
+
+    use_fast_kernels(model)  # the hand-written gradients, before wrapping or compiling sees the model
+
     device_type = env.device_type
     dtype = pick_dtype(cfg.dtype, device_type)
     wrapped = wrap_model(model, env, parallel)

@@ -358,7 +358,8 @@ def complete(
 
     lmcore's KV-cache sampler; prompts longer than the context allows keep their last tokens.
     """
-    from lmcore.generate import SamplingConfig, generate, stop_tokens
+    from lmcore.engine import SamplingConfig, generate
+    from lmcore.generate import stop_tokens
 
     cfg = SamplingConfig(
         max_new_tokens=max_new_tokens,
