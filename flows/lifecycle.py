@@ -38,6 +38,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from flows.notify import notify_completion, notify_failure, save_report
 from flows.stagehost import stage_env
 from lmcore.errors import LmcycleError
 
@@ -49,7 +50,11 @@ _COMMAND_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 
 class StageFailed(LmcycleError):
-    """A stage's command failed, timed out or was stopped."""
+    """A stage's command failed, timed out or was stopped; `tail` holds its last lines."""
+
+    def __init__(self, message: str, tail: str = ""):
+        super().__init__(message)
+        self.tail = tail
 
 
 # --- the graph ---------------------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ def dvc_stage(
             markdown=f"# Stage `{name}` {why}\n\nLast {TAIL_LINES} lines of output:\n\n```\n{result.tail}\n```\n",
             description=f"stage {name} {why}",
         )
-        raise StageFailed(f"stage {name} {why}")
+        raise StageFailed(f"stage {name} {why}", result.tail)
     if result.state in {"skipped", "restored"}:
         label = "Skipped" if result.state == "skipped" else "Restored"
         message = "DVC: up to date" if result.state == "skipped" else "DVC: outputs restored from the run cache"
@@ -464,7 +469,14 @@ def _telemetry_off() -> None:
     off()
 
 
-@flow(name=FLOW_NAME, log_prints=True, validate_parameters=True)
+@flow(
+    name=FLOW_NAME,
+    log_prints=True,
+    validate_parameters=True,
+    on_failure=[notify_failure],
+    on_crashed=[notify_failure],
+    on_completion=[notify_completion],
+)
 def lifecycle(
     workspace: str = ".",
     until: str | None = None,
@@ -522,6 +534,7 @@ def lifecycle(
         finally:
             with contextlib.suppress(Exception):
                 _publish(root, report, run)
+            save_report(root, report)  # for the notification hooks (flows.notify)
             if run is not None:
                 run.end(status, report)
     return report
@@ -575,6 +588,7 @@ def _run_graph(
             report["stages"].append({"name": name, "state": state.name.lower(), "seconds": seconds})
             error = state.result(raise_on_failure=False)
             report["failed"] = str(error) if isinstance(error, LmcycleError) else f"stage {name}: {state.message}"
+            report["tail"] = getattr(error, "tail", "")
             raise StageFailed(report["failed"])
         result = state.result()
         report["stages"].append({"name": name, "state": result["state"], "seconds": seconds})
