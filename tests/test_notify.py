@@ -156,7 +156,8 @@ def test_completion_message_has_the_decision_and_both_values():
     assert text.startswith(":trophy: lm-lifecycle run `brave-fox` (0b5e-77) completed (1 ran, 1 skipped)")
     assert "`models:/m/2`: gate *promoted*; pretrain.val_bpb: challenger 3 vs champion v1 3.25." in text
 
-    first = completion_message(RUN, {"stages": [], "registration": {**reg, "decision": "first", "champion_version": None}})
+    no_champion = {**reg, "decision": "first", "champion_version": None}
+    first = completion_message(RUN, {"stages": [], "registration": no_champion})
     assert "gate *first*" in first["text"] and "challenger 3 vs champion none" in first["text"]
     rejected = completion_message(RUN, {"stages": [], "registration": {**reg, "decision": "rejected"}})
     assert rejected["text"].startswith(":white_check_mark:") and "gate *rejected*" in rejected["text"]
