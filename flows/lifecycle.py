@@ -571,6 +571,7 @@ def _run_graph(
     stage_task = dvc_stage.with_options(retries=config.flow.retries, retry_delay_seconds=config.flow.retry_delay_s)
     for name in selected:
         started = time.monotonic()
+        report["running"] = name  # what a crash interrupted (flows.notify)
         state = stage_task.with_options(task_run_name=name)(
             name,
             str(root),

@@ -106,9 +106,14 @@ class RunInfo:
 
 
 def failed_stage(report: Mapping[str, Any]) -> str:
-    """The stage that did not complete, or '' (a failure outside the stages: registration, push, set-up)."""
-    failed = [s["name"] for s in report.get("stages", []) if s.get("state") not in _RAN]
-    return failed[-1] if failed else ""
+    """The stage that did not complete (failed, or running when the run crashed), or '' (a failure outside the
+    stages: registration, push, set-up)."""
+    stages = report.get("stages", [])
+    failed = [s["name"] for s in stages if s.get("state") not in _RAN]
+    if failed:
+        return failed[-1]
+    running = report.get("running", "")
+    return running if running and running not in {s["name"] for s in stages} else ""
 
 
 def last_lines(tail: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
@@ -122,12 +127,16 @@ def _payload(text: str, sections: list[str]) -> dict[str, Any]:
     return {"text": text, "blocks": blocks}
 
 
-def failure_message(run: RunInfo, report: Mapping[str, Any] | None, state_message: str = "") -> dict[str, Any]:
-    """A failed or crashed run: which stage, why, and its last lines."""
+def failure_message(
+    run: RunInfo, report: Mapping[str, Any] | None, state_message: str = "", crashed: bool = False
+) -> dict[str, Any]:
+    """A failed or crashed run: which stage, why, and its last lines. A crash (a signal, a lost process) is said in
+    Prefect's words; a failure in the flow's own."""
     report = report or {}
     stage = failed_stage(report)
-    why = report.get("failed") or state_message or "no reason recorded"
-    head = f":x: {run.title()} failed" + (f" in stage `{stage}`" if stage else "") + f": {why}"
+    why = (state_message if crashed else report.get("failed")) or report.get("failed") or state_message
+    verb = "crashed" if crashed else "failed"
+    head = f":x: {run.title()} {verb}" + (f" in stage `{stage}`" if stage else "") + f": {why or 'no reason recorded'}"
     tail = last_lines(report.get("tail", ""))
     code = f"Last lines of `{stage or 'output'}`:\n```\n{tail}\n```" if tail else ""
     footer = "\n".join(run.footer())
@@ -293,7 +302,11 @@ def _hook(flow: Any, flow_run: Any, state: Any, build: Any) -> None:
 
 def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """on_failure / on_crashed: the failed stage, why, its last lines."""
-    _hook(flow, flow_run, state, lambda run, report, st: failure_message(run, report, st.message or st.name))
+
+    def build(run: RunInfo, report: dict[str, Any] | None, st: Any) -> dict[str, Any]:
+        return failure_message(run, report, st.message or st.name, crashed=st.is_crashed())
+
+    _hook(flow, flow_run, state, build)
 
 
 def notify_completion(flow: Any, flow_run: Any, state: Any) -> None:

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_flow import closed_port, run_cli, script, synthetic_workspace
+from test_flow import STUBBORN_STAGE, closed_port, run_cli, script, synthetic_workspace
 
 from flows.notify import (
     RunInfo,
@@ -137,6 +139,12 @@ def test_failure_message_names_the_stage_why_and_its_last_lines():
     early = failure_message(RUN, None, "Flow run encountered an exception: LmcycleError: flow.lock_timeout_s")
     assert "failed: Flow run encountered an exception" in early["text"] and "stage `" not in early["text"]
 
+    interrupted = {"stages": [{"name": "ingest", "state": "ran"}], "running": "pretrain", "failed": "Signal: "}
+    crash = failure_message(RUN, interrupted, "Execution was aborted by a termination signal.", crashed=True)
+    assert "crashed in stage `pretrain`: Execution was aborted by a termination signal." in crash["text"]
+    after = {"stages": [{"name": "pretrain", "state": "ran"}], "running": "pretrain", "failed": "registration failed"}
+    assert "failed: registration failed" in failure_message(RUN, after)["text"]  # not a stage's failure
+
 
 def test_completion_message_has_the_decision_and_both_values():
     reg = {
@@ -254,6 +262,30 @@ def test_an_unreachable_webhook_leaves_the_outcome_unchanged(tmp_path, kjv_slice
     warnings = [line for line in output.splitlines() if "notification not sent" in line]
     assert len(warnings) == 1 and "the webhook is unreachable" in warnings[0], output[-3000:]
     assert url not in output and "/services/T000" not in output
+
+
+def test_a_crashed_run_posts_the_stage_it_interrupted(tmp_path, kjv_slice, chatter_slice, prefect_api, webhook):
+    """What a worker's SIGTERM does to a run (Prefect: Crashed): the on_crashed hook still posts."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    stages = {"slow": {"cmd": script(root, "slow.py", STUBBORN_STAGE), "outs": ["never.txt"]}}
+    synthetic_workspace(root, kjv_slice, chatter_slice, stages, flow={"kill_grace_s": 2.0, "retries": 0})
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "LMCYCLE_WEBHOOK_URL": webhook.url}
+    run = subprocess.Popen(["lmcycle", "run"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "pids.txt").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        out = run.communicate(timeout=120)[0].decode()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode != 0
+    (message,) = webhook.messages()
+    assert "crashed in stage `slow`: Execution was aborted by a termination signal" in message["text"], out[-3000:]
 
 
 def save_secret_block(api: str, name: str, value: str) -> None:
