@@ -19,7 +19,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,7 @@ def post(url: str, payload: Mapping[str, Any], timeout_s: float = TIMEOUT_S) -> 
     return ""
 
 
-def send(payload: Mapping[str, Any], warn: Any) -> bool:
+def send(payload: Mapping[str, Any], warn: Callable[[str], Any]) -> bool:
     """Redact and post `payload` to the configured webhook; a failure is one `warn` line. True when delivered."""
     try:
         url = webhook_url()
@@ -284,7 +284,7 @@ def _run_info(flow_run: Any) -> RunInfo:
     return RunInfo(str(flow_run.name), str(flow_run.id), Path(workspace).resolve().name, url)
 
 
-def _hook(flow: Any, flow_run: Any, state: Any, build: Any) -> None:
+def _hook(flow: Any, flow_run: Any, state: Any, build: Callable[[RunInfo, Any, Any], dict[str, Any]]) -> None:
     if not configured():
         return
     from prefect.logging.loggers import flow_run_logger
