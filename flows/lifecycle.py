@@ -38,6 +38,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from flows.notify import notify_completion, notify_failure, save_report
 from flows.stagehost import stage_env
 from lmcore.errors import LmcycleError
 
@@ -49,7 +50,11 @@ _COMMAND_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 
 class StageFailed(LmcycleError):
-    """A stage's command failed, timed out or was stopped."""
+    """A stage's command failed, timed out or was stopped; `tail` holds its last lines."""
+
+    def __init__(self, message: str, tail: str = ""):
+        super().__init__(message)
+        self.tail = tail
 
 
 # --- the graph ---------------------------------------------------------------------------------------------
@@ -387,7 +392,7 @@ def dvc_stage(
             markdown=f"# Stage `{name}` {why}\n\nLast {TAIL_LINES} lines of output:\n\n```\n{result.tail}\n```\n",
             description=f"stage {name} {why}",
         )
-        raise StageFailed(f"stage {name} {why}")
+        raise StageFailed(f"stage {name} {why}", result.tail)
     if result.state == "ran" and name == INGEST_STAGE:
         save_ingest_run_cache(root)  # DVC keeps none for an always-changed stage (flows/runcache.py)
     if result.state in {"skipped", "restored"}:
@@ -471,7 +476,14 @@ def _telemetry_off() -> None:
     off()
 
 
-@flow(name=FLOW_NAME, log_prints=True, validate_parameters=True)
+@flow(
+    name=FLOW_NAME,
+    log_prints=True,
+    validate_parameters=True,
+    on_failure=[notify_failure],
+    on_crashed=[notify_failure],
+    on_completion=[notify_completion],
+)
 def lifecycle(
     workspace: str = ".",
     until: str | None = None,
@@ -529,6 +541,7 @@ def lifecycle(
         finally:
             with contextlib.suppress(Exception):
                 _publish(root, report, run)
+            save_report(root, report)  # for the notification hooks (flows.notify)
             if run is not None:
                 run.end(status, report)
     return report
@@ -565,6 +578,7 @@ def _run_graph(
     stage_task = dvc_stage.with_options(retries=config.flow.retries, retry_delay_seconds=config.flow.retry_delay_s)
     for name in selected:
         started = time.monotonic()
+        report["running"] = name  # what a crash interrupted (flows.notify)
         state = stage_task.with_options(task_run_name=name)(
             name,
             str(root),
@@ -582,6 +596,7 @@ def _run_graph(
             report["stages"].append({"name": name, "state": state.name.lower(), "seconds": seconds})
             error = state.result(raise_on_failure=False)
             report["failed"] = str(error) if isinstance(error, LmcycleError) else f"stage {name}: {state.message}"
+            report["tail"] = getattr(error, "tail", "")
             raise StageFailed(report["failed"])
         result = state.result()
         report["stages"].append({"name": name, "state": result["state"], "seconds": seconds})
