@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from flows.initcmd import code, init, version_callback
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle.stages import STAGES
 
@@ -87,8 +88,16 @@ def launch_plan(name: str, params: Path):
 
 
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     _telemetry_off()
+
+
+app.command()(init)  # lmcycle outside this repository (flows/initcmd.py)
+app.command()(code)
 
 
 @app.command()
