@@ -234,7 +234,8 @@ def test_pip_installed_lmcycle_runs_a_new_project_end_to_end(tmp_path: Path) -> 
     repro = run_ok([python, "-m", "dvc", "repro"], root, env)
     for stage in STAGES[1:]:
         assert f"Stage '{stage}' didn't change, skipping" in repro, repro
-    assert (root / "dvc.lock").read_text() == lock
+    # the same lock (parsed: a plain `dvc repro` spells a null param `init_from:` where the flow writes `null`)
+    assert yaml.safe_load((root / "dvc.lock").read_text()) == yaml.safe_load(lock)
     status = json.loads(run_ok([python, "-m", "dvc", "status", "--json"], root, env))
     assert status == {CODE_STAGE: ["always changed"], "ingest": ["always changed"]}, status
 
