@@ -97,6 +97,7 @@ def test_init_makes_a_committed_project(tmp_path: Path) -> None:
     assert yaml.safe_load((root / "dvc.yaml").read_text()) == yaml.safe_load(
         project_dvc_yaml((REPO / "dvc.yaml").read_text())
     )
+    assert (root / ".dvc" / "config").read_text() == (REPO / ".dvc" / "config").read_text()
     prefect = yaml.safe_load((root / "prefect.yaml").read_text())
     assert {d["entrypoint"] for d in prefect["deployments"]} == {"flows.lifecycle:lifecycle"}
     for stage in STAGES:

@@ -35,6 +35,14 @@ OWNED = {
     ".gitignore": "gitignore",
     ".dvcignore": "dvcignore",
 }
+# As this repository's .dvc/config: no telemetry, and outputs linked to the cache instead of copied.
+DVC_CONFIG = """\
+[core]
+    analytics = false
+    check_update = false
+[cache]
+    type = "reflink,hardlink,copy"
+"""
 _STAGE_LINE = re.compile(r"^  ([A-Za-z0-9_-]+):\s*$")
 _SOURCE_DEP = re.compile(r"^\s+- lmcore(/\S*)?\s*$")
 
@@ -134,6 +142,7 @@ def _repositories(folder: Path, files: list[str], version: str) -> bool:
         _run(["git", "init", "-q"], folder, "git init")
     if not (folder / ".dvc").exists():
         _run([sys.executable, "-m", "dvc", "init", "-q"], folder, "dvc init")
+        (folder / ".dvc" / "config").write_text(DVC_CONFIG, encoding="utf-8")  # dvc init leaves it empty
     _run(["git", "add", "--", *files, ".dvc/config", ".dvc/.gitignore", ".dvcignore"], folder, "git add")
     if not _git_identity(folder):
         return False
