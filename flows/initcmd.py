@@ -58,7 +58,7 @@ def init(
     typer.echo(
         "next:\n"
         f"  cd {where}\n"
-        "  lmcycle run                          # the whole lifecycle on the demo data (~10 min on 2 CPU cores)\n"
+        "  lmcycle run                          # the whole lifecycle on the demo data (~5 min on 2 CPU cores)\n"
         "  lmcycle run -S pretrain.steps=800    # change a setting (written into params.yaml); then commit\n"
         "  lmcycle models list                  # the registered versions and the champion\n"
         "  dvc repro                            # the same stages without Prefect; up to date after a run"

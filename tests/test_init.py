@@ -153,6 +153,16 @@ def test_version() -> None:
 SOURCES = ["pyproject.toml", "README.md", "params.yaml", "dvc.yaml", ".dvcignore", "lmcore", "flows"]
 
 
+def build_backend_here() -> bool:
+    """Whether this environment has the setuptools pyproject.toml's build-system asks for."""
+    import importlib.metadata
+
+    try:
+        return int(importlib.metadata.version("setuptools").split(".")[0]) >= 68
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def build_wheel(out: Path) -> Path:
     """Build lmcycle's wheel from a copy of the sources (the build leaves build/ and egg-info behind)."""
     src = out / "src"
@@ -162,8 +172,10 @@ def build_wheel(out: Path) -> Path:
             shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / name, src / name)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w"]
-    run_ok([*cmd, str(out / "dist"), str(src)], out)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out / "dist"), str(src)]
+    if build_backend_here():  # offline, with this environment's setuptools; else pip fetches pyproject's
+        cmd += ["--no-build-isolation", "--no-index"]
+    run_ok(cmd, out)
     (wheel,) = (out / "dist").glob("lmcycle-*.whl")
     return wheel
 
@@ -226,6 +238,9 @@ def test_pip_installed_lmcycle_runs_a_new_project_end_to_end(tmp_path: Path) -> 
 
     run_ok(["lmcycle", "init", "proj"], work, env)
     root = work / "proj"
+    entry = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"][0]["entrypoint"]
+    load = f"from prefect.flows import load_flow_from_entrypoint as f; print(f({entry!r}, False).name)"
+    assert run_ok([python, "-c", load], root, env).strip() == "lm-lifecycle"  # what `prefect deploy` loads
     run_ok(["lmcycle", "run", *tiny_overrides()], root, env)
     lock = (root / "dvc.lock").read_text()
     assert set(yaml.safe_load(lock)["stages"]) == {CODE_STAGE, *STAGES}
