@@ -140,6 +140,9 @@ def test_init_into_a_non_empty_folder_fails_in_one_line_unless_forced(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gitconfig", "proj"]
     run_ok(["lmcycle", "init", "proj", "--force"], tmp_path, env)  # again: nothing new, still fine
 
+    proc = subprocess.run(["lmcycle", "init", "proj/notes.txt"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "is not a folder" in proc.stderr, proc.stderr
+
 
 def test_version() -> None:
     import importlib.metadata

@@ -169,7 +169,10 @@ def init_project(target: str | Path, force: bool = False, version: str = "") -> 
         raise LmcycleError(f"{target}: exists and is not empty (--force writes lmcycle's files into it)")
     if not target.parent.is_dir():
         raise LmcycleError(f"{target.parent}: no such folder")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
+    except OSError as err:
+        raise LmcycleError(f"{target.parent}: cannot write here ({err.strerror or err})") from None
     try:
         files = render(staging)
         if exists:
