@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from flows.chat import chat as chat_command
+from flows.initcmd import code, init, version_callback
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle.stages import STAGES
 
@@ -87,26 +88,17 @@ def launch_plan(name: str, params: Path):
     return plan(name, getattr(load_config(params), name))
 
 
-def _version(show: bool) -> None:
-    if not show:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        number = version("lmcycle")
-    except PackageNotFoundError:  # run from a checkout that is not installed
-        from lmcore import __version__ as number
-    typer.echo(f"lmcycle {number}")
-    raise typer.Exit()
-
-
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=_version, help="print the version and exit")
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version and exit")
     ] = False,
 ) -> None:
     _telemetry_off()
+
+
+app.command()(init)  # lmcycle outside this repository (flows/initcmd.py)
+app.command()(code)
 
 
 @app.command()
