@@ -58,3 +58,17 @@ def test_an_override_is_written_like_dvc_exp_run_and_keeps_comments(params: Path
 def test_an_override_without_a_section_is_refused(params: Path) -> None:
     with pytest.raises(ConfigError, match="expected section.key=value"):
         apply_overrides(["steps=3"], params)
+
+
+def test_writing_params_leaves_other_yaml_dumps_alone(tmp_path) -> None:
+    """`-S` spells null out in params.yaml without changing how DVC (same ruamel.yaml, same process) writes dvc.lock."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from lmcore.lifecycle.config import _rewrite_keeping_comments
+
+    assert "d: null" in _rewrite_keeping_comments("a:\n  b: 1  # kept\n  d: x\n", ["a.d=null"])
+    out = io.StringIO()
+    YAML().dump({"init_from": None}, out)
+    assert out.getvalue() == "init_from:\n"

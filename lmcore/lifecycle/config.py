@@ -296,13 +296,19 @@ def _rewrite_keeping_comments(text: str, overrides: list[str]) -> str:
     import io
 
     from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
 
+    class NullAsWord(RoundTripRepresenter):
+        """`null` spelled out. A subclass: add_representer on ruamel's own class would change every later dump in
+        this process, DVC's dvc.lock among them (it then wrote `init_from:` where a plain `dvc repro` writes null)."""
+
+    null = "tag:yaml.org,2002:null"
+    NullAsWord.add_representer(type(None), lambda rep, _: rep.represent_scalar(null, "null"))
     editor = YAML()
+    editor.Representer = NullAsWord
     editor.width = 4096
     editor.preserve_quotes = True
     editor.indent(mapping=2, sequence=4, offset=2)
-    null = "tag:yaml.org,2002:null"
-    editor.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar(null, "null"))
     doc = editor.load(text)
     for item in overrides:
         keys, value = parse_override(item)
