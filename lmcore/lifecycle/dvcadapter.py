@@ -200,6 +200,16 @@ def unchanged_but_always_changed(root: str | Path, name: str) -> bool:
         return False
 
 
+def reproduce_from_scratch(directory: Path, stage: str, env: dict[str, str]) -> bool:
+    """`dvc repro --no-run-cache STAGE` (and what it needs) in a fresh checkout, as a process of its own with `env`;
+    whether it succeeded. Its output goes to this process's terminal."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dvc", "repro", "--no-run-cache", stage]
+    return subprocess.run(cmd, cwd=directory, env=env).returncode == 0
+
+
 @contextlib.contextmanager
 def write_lock(root: Path, path: Path) -> Iterator[None]:
     """Hold DVC's write lock on `path` (its `.dvc/tmp/rwlock`, the lock `dvc repro`, `dvc exp run` and the flow
