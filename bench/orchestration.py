@@ -82,7 +82,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 def direct(root: Path) -> float:
     """The same work in this process: the stages' own functions in DVC's order, then registration."""
-    from flows.lifecycle import stage_graph
+    from lmcore.lifecycle.dvcadapter import stage_graph
 
     order, _ = stage_graph(root)
     cwd = os.getcwd()

@@ -16,6 +16,7 @@ import typer
 
 from flows.chat import chat as chat_command
 from flows.initcmd import code, init, version_callback
+from flows.preflight import telemetry_off
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle.stages import STAGES
 
@@ -28,19 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-# Telemetry off unless the user chose otherwise; nothing else about the user's environment is touched.
-_TELEMETRY_DEFAULTS = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-}
-
-
-def _telemetry_off() -> None:
-    for key, value in _TELEMETRY_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -94,7 +82,7 @@ def main(
         bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version and exit")
     ] = False,
 ) -> None:
-    _telemetry_off()
+    telemetry_off()
 
 
 app.command()(init)  # lmcycle outside this repository (flows/initcmd.py)
@@ -151,40 +139,28 @@ def run(
 ) -> None:
     """Run the lifecycle: write overrides into params.yaml, then the Prefect flow `lm-lifecycle` over the DVC
     stages, MLflow tracking, and registration with the promotion gate."""
-    from flows.preflight import check_prefect_api
-    from flows.remote import should_push
-    from lmcore.lifecycle.config import apply_overrides, load_config
-    from lmcore.lifecycle.tracking import check_tracking, tracking_enabled, tracking_uri
-    from lmcore.lifecycle.workspace import dvc_write_lock, workspace_lock
+    from flows.executor import prestarted
+    from flows.preflight import RunRequest, prepared_run
 
     root = workspace.resolve()
+    request = RunRequest(root, until, tuple(force or ()), tuple(set_ or ()), push)
     try:
-        config = load_config(root / "params.yaml")
-        _check_stage_names(root, until, force or [])
-        should_push(root, push)
-        if tracking_enabled():  # servers and credentials, before anything is written
-            check_tracking(tracking_uri(root))
-        check_prefect_api()
-        with workspace_lock(root, config.flow.lock_timeout_s):
-            with dvc_write_lock(root, root / "params.yaml"):  # never under a running `dvc repro`
-                apply_overrides(set_ or [], root / "params.yaml")
-            from flows.stagehost import prestarted
+        # every check before anything is written; the flow adopts the plan (and this lock) instead of checking again
+        with prepared_run(request, check_api=True), prestarted(root):  # the host imports torch while Prefect starts
+            from flows.lifetime import start_tied_prefect_server
 
-            with prestarted(root):  # it imports torch while Prefect starts
-                from flows.lifetime import start_tied_prefect_server
+            start_tied_prefect_server()  # Prefect's ephemeral API, dying with this process even by SIGKILL
+            from flows.lifecycle import lifecycle
 
-                start_tied_prefect_server()  # Prefect's ephemeral API, dying with this process even by SIGKILL
-                from flows.lifecycle import lifecycle
-
-                state = lifecycle(
-                    workspace=str(root),
-                    until=until,
-                    force=force or [],
-                    overrides=set_ or [],
-                    register_model=register,
-                    push=push,
-                    return_state=True,
-                )
+            state = lifecycle(
+                workspace=str(root),
+                until=until,
+                force=list(request.force),
+                overrides=list(request.overrides),
+                register_model=register,
+                push=push,
+                return_state=True,
+            )
     except LmcycleError as err:
         raise fail(str(err)) from None
     if not state.is_completed():
@@ -200,18 +176,6 @@ def run(
     if report.get("push"):
         rows["push"] = f"{report['push']['pushed']} file(s) to DVC remote {report['push']['remote']!r}"
     print_summary("lm-lifecycle", rows)
-
-
-def _check_stage_names(root: Path, until: str | None, force: list[str]) -> None:
-    """Fail before anything starts when --until/--force name no dvc.yaml stage (foreach stages: NAME@KEY)."""
-    from lmcore.lifecycle.workspace import dvc_stages
-
-    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
-        raise LmcycleError(f"{root}: not a workspace (needs dvc.yaml in a DVC repository: git init && dvc init)")
-    names = list(dvc_stages(root))
-    for option, name in [("--until", until), *(("--force", f) for f in force)]:
-        if name and name.split("@")[0] not in names:
-            raise LmcycleError(f"{option}: unknown stage {name!r}; stages in dvc.yaml: {', '.join(names)}")
 
 
 def _state_error(state) -> str:

@@ -139,7 +139,7 @@ def _left_over(root: Path) -> dict[str, Any] | None:
     """The recorded stage when its process (or any of its group) still runs."""
     import psutil
 
-    from flows.lifecycle import group_alive
+    from flows.processes import group_alive
 
     try:
         record = json.loads(_record_path(root).read_text())

@@ -1,23 +1,23 @@
 """A workspace's DVC remote: push after a flow run, pull before one, and when the always-changed ingest can skip.
 
 Design choices:
-- Through DVC's Python API (`Repo.push` / `Repo.pull`), with the run cache (`run_cache=True`) and the outputs its
-  entries refer to: a clone whose dvc.lock in git is older than the remote still gets its stages restored from the
-  run cache by `dvc repro --pull` (the flow reproduces with `pull` when a remote is configured).
+- Through DVC's Python API (`Repo.push` / `Repo.pull`, called by lmcore.lifecycle.dvcadapter), with the run cache
+  (`run_cache=True`) and the outputs its entries refer to: a clone whose dvc.lock in git is older than the remote
+  still gets its stages restored from the run cache by `dvc repro --pull` (the flow reproduces with `pull` when a
+  remote is configured).
 - Pulling is tolerant by design (`dvc_pull_step`, a Prefect deployment pull step): no remote, an empty remote or
   a remote that lacks some outputs is not an error, since the stages that miss data recompute it.
 - `ingest` is `always_changed` in dvc.yaml (its sources may live outside the repository) and DVC never uses the run
-  cache or a lock entry to skip such a stage (flows/runcache.py keeps and restores a run-cache entry for it; a push
-  saves it first). The flow skips it when DVC finds everything else of the stage
-  unchanged (command, code, params, outputs as in dvc.lock) and the sources' fingerprints (file digests, package
-  versions, dataset fingerprints; lmcore.data.sources) equal those recorded in its report by the run that wrote the
-  outputs: the same inputs give byte-identical outputs (lmcore/lifecycle/stages/ingest.py), so running it would
-  change nothing.
+  cache or a lock entry to skip such a stage (lmcore/lifecycle/dvcadapter/runcache.py keeps and restores a run-cache
+  entry for it, `restore_ingest` checking the restored report's fingerprints; a push saves it first). The flow
+  skips it when DVC finds everything else of the stage unchanged (command, code, params, outputs as in dvc.lock)
+  and the sources' fingerprints (file digests, package versions, dataset fingerprints; lmcore.data.sources) equal
+  those recorded in its report by the run that wrote the outputs: the same inputs give byte-identical outputs
+  (lmcore/lifecycle/stages/ingest.py), so running it would change nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,20 +31,12 @@ class RemoteError(LmcycleError):
     """The DVC remote cannot be used."""
 
 
-def default_remote(root: str | Path) -> str | None:
-    """The workspace's default DVC remote (`dvc remote add -d NAME URL`), or None."""
-    from dvc.config import Config
-
-    dvc_dir = Path(root).resolve() / ".dvc"
-    if not dvc_dir.is_dir():
-        return None
-    return Config(dvc_dir=str(dvc_dir))["core"].get("remote") or None
-
-
 def should_push(root: str | Path, push: bool | None) -> bool:
     """Whether a flow run uses the remote (pulls what it misses, pushes at the end): as asked, else (None) when the
     workspace has a default remote. A push without a remote, or to a remote that cannot be read, is an error
     raised before any stage runs."""
+    from lmcore.lifecycle.dvcadapter import default_remote
+
     remote = default_remote(root)
     if push and remote is None:
         raise RemoteError(
@@ -60,12 +52,10 @@ def should_push(root: str | Path, push: bool | None) -> bool:
 def check_remote(root: str | Path, remote: str) -> None:
     """One read of the remote (does its root exist), so a wrong URL, endpoint or credential fails in one line
     before any stage runs rather than at the push. A remote that does not exist yet is fine (the push creates it)."""
-    from dvc.repo import Repo
+    from lmcore.lifecycle.dvcadapter import read_remote
 
     try:
-        with _quiet_dvc(), Repo(str(root)) as repo:
-            odb = repo.cloud.get_remote_odb(remote)
-            odb.fs.exists(odb.path)
+        read_remote(root, remote)
     except Exception as err:  # noqa: BLE001 (as in push)
         raise RemoteError(
             f"DVC remote {remote!r} cannot be read ({_one_line(err)}): check its URL and credentials "
@@ -75,17 +65,11 @@ def check_remote(root: str | Path, remote: str) -> None:
 
 def push(root: str | Path) -> dict[str, Any]:
     """`dvc push --run-cache`: every cached output of the workspace and the run cache, to the default remote."""
-    from dvc.repo import Repo
+    from lmcore.lifecycle import dvcadapter
 
-    from flows.runcache import save_ingest_entry
-
-    remote = default_remote(root)
+    remote = dvcadapter.default_remote(root)
     try:
-        with _quiet_dvc(), Repo(str(root)) as repo:
-            with repo.lock:
-                save_ingest_entry(repo, root)  # the always-changed ingest's entry, kept by flows.runcache
-            pushed = repo.push(run_cache=True)
-            pushed += _push_run_cache_outputs(repo, remote)
+        pushed = dvcadapter.push(root, remote, always_changed=(INGEST_STAGE,))
     except Exception as err:  # noqa: BLE001 (DVC errors, and OSError or a cloud SDK's own from the file systems)
         cause = f": {_one_line(err.__cause__)}" if err.__cause__ else ""
         raise RemoteError(
@@ -93,39 +77,6 @@ def push(root: str | Path) -> dict[str, Any]:
             "cache: once the remote works, run again (every stage is up to date, so it only pushes)"
         ) from None
     return {"remote": remote, "pushed": int(pushed or 0)}
-
-
-def _push_run_cache_outputs(repo: Any, remote: str | None) -> int:
-    """The outputs the run cache refers to that `Repo.push` leaves behind: DVC keeps a stage's uncached outputs
-    (metrics, plots: `cache: false`) in the local cache for its run cache, but pushes only the run-cache entries,
-    so a clone could not restore those stages. Objects gone from the local cache (`dvc gc`) are skipped."""
-    from dvc.stage import PipelineStage, create_stage
-    from dvc.stage.loader import StageLoader
-
-    objs: set[Any] = set()
-    for path in Path(repo.stage_cache.cache_dir).glob("*/*/*"):
-        entry = repo.stage_cache._load_cache(path.parent.name, path.name) if path.is_file() else None
-        if not entry:
-            continue
-        # as StageCache._create_stage, but with an absolute dvc.yaml path: DVC's resolves it against the CWD
-        dvcfile = str(Path(repo.root_dir) / "dvc.yaml")
-        outs = [out["path"] for out in entry["outs"]]
-        stage = create_stage(PipelineStage, repo=repo, path=dvcfile, cmd=entry["cmd"], wdir=repo.root_dir, outs=outs)
-        StageLoader.fill_from_lock(stage, entry)
-        for used in stage.get_used_objs().values():
-            objs.update(used)
-    local = [obj for obj in objs if _in_local_cache(repo, obj)]
-    if not local:
-        return 0
-    result = repo.cloud.push(local, remote=remote)
-    if result.failed:
-        raise RemoteError(f"{len(result.failed)} run-cache output(s) could not be written to remote {remote!r}")
-    return len(result.transferred)
-
-
-def _in_local_cache(repo: Any, obj: Any) -> bool:
-    odb = repo.cache.legacy if obj.name == "md5-dos2unix" else repo.cache.local
-    return bool(obj.value) and odb.exists(obj.value)
 
 
 def dvc_pull_step(directory: str = ".", run_cache: bool = True) -> dict[str, Any]:
@@ -137,41 +88,27 @@ def dvc_pull_step(directory: str = ".", run_cache: bool = True) -> dict[str, Any
     directory, so the flow runs in the clone whichever step comes last); raises RemoteError
     with one line only when the remote is configured but cannot be read (wrong path, credentials, network).
     """
-    from dvc.repo import Repo
+    from lmcore.lifecycle import dvcadapter
 
-    remote = default_remote(directory)
+    remote = dvcadapter.default_remote(directory)
     if remote is None:
         return {"directory": directory, "remote": None, "fetched": 0, "added": 0, "modified": 0}
     try:
-        with _quiet_dvc(), Repo(directory) as repo:
-            stats = repo.pull(run_cache=run_cache, allow_missing=True).get("stats", {})
+        stats = dvcadapter.pull(directory, run_cache=run_cache)
     except Exception as err:  # noqa: BLE001 (as in push)
         raise RemoteError(f"dvc pull from remote {remote!r} failed: {_one_line(err)}") from None
-    return {
-        "directory": directory,
-        "remote": remote,
-        **{k: int(stats.get(k, 0)) for k in ("fetched", "added", "modified")},
-    }
+    return {"directory": directory, "remote": remote, **stats}
 
 
 def ingest_up_to_date(root: str | Path, name: str) -> bool:
     """Whether the flow may skip the always-changed ingest stage `name` (see the module docstring)."""
     if name != INGEST_STAGE:
         return False
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
     from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.dvcadapter import unchanged_but_always_changed
     from lmcore.lifecycle.paths import Paths
 
-    try:
-        with _quiet_dvc(), Repo(str(root)) as repo, repo.lock:
-            (stage,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")  # whatever the CWD is
-            if not stage.always_changed:
-                return False
-            if stage.changed_stage() or stage._changed_deps() or stage.changed_outs():
-                return False
-    except DvcException:  # no such stage, a broken dvc.yaml: DVC's repro says why
+    if not unchanged_but_always_changed(root, name):
         return False
     paths = Paths.of(root)
     return sources_unchanged(load_config(paths.root / "params.yaml"), paths)
@@ -208,15 +145,21 @@ def _one_line(err: Any) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-@contextlib.contextmanager
-def _quiet_dvc() -> Any:
-    """DVC's own console output (progress bars, warnings) stays out of the caller's terminal and logs."""
-    import logging
+def restore_ingest(root: str | Path, pull: bool = False) -> bool:
+    """Restore the always-changed ingest from the run cache when its entry's report records the sources'
+    fingerprints of now (lmcore.lifecycle.dvcadapter.runcache); True when restored, False when it has to run."""
+    from lmcore.lifecycle.config import load_config
+    from lmcore.lifecycle.dvcadapter import runcache
+    from lmcore.lifecycle.paths import Paths
 
-    logger = logging.getLogger("dvc")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    paths = Paths.of(Path(root).resolve())
+    return runcache.restore(
+        paths.root, INGEST_STAGE, lambda: sources_unchanged(load_config(paths.root / "params.yaml"), paths), pull=pull
+    )
+
+
+def save_ingest_run_cache(root: str | Path) -> bool:
+    """Keep a run-cache entry for the ingest that just ran (DVC keeps none for an always-changed stage)."""
+    from lmcore.lifecycle.dvcadapter import runcache
+
+    return runcache.save(root, INGEST_STAGE)

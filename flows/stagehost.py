@@ -16,7 +16,8 @@ which a stage needs to behave exactly like the process DVC would have started. T
 - exits when its stdin closes (the flow process ended, however it ended), stopping any child still running.
 
 Client side: `StageHost.start()` in the flow process, `StageHost.spawn(argv, cwd, env)` → a `HostedProcess`
-with `pid`, `stdout` (a text stream) and `wait()`. See `warm_stages_enabled` for where it runs by default.
+with `pid`, `stdout` (a text stream), `poll()` and `wait()`: flows.executor.WarmHost is the executor built on it.
+See `warm_stages_enabled` for where it runs by default.
 """
 
 from __future__ import annotations
@@ -44,12 +45,24 @@ WARM_ENV = "LMCYCLE_WARM_STAGES"
 _HEADER = struct.Struct("!I")
 _GO = b"g"  # the caller's confirmation that a forked command may run
 READY_S = 30.0  # how long the flow waits for the host to answer before starting the command itself
+# The command line a child runs: the `lmcycle` entry point (pyproject's [project.scripts]), named rather than
+# imported here, since the command line itself starts hosts (a child runs it as a fresh `lmcycle` process would).
+ENTRY = "flows.cli:app"
 
 # What the stages import, cheapest first so that ingest and tokenizer are served before torch is loaded.
 PRELOAD = [
     "flows.cli",
     "lmcore.lifecycle.config",
     "lmcore.lifecycle.tracking",
+    "dvc.repo",  # a stage's tracking reads its dvc.yaml definition through DVC (lmcore.lifecycle.dvcadapter)
+    "dvc.dvcfile",
+    "dvc.parsing",
+    "dvc.scm",
+    "dvc.data_cloud",
+    "dvc.cachemgr",
+    "dvc.repo.plots",
+    "dvc.repo.stage",
+    "dvc.utils.strictyaml",
     "lmcore.lifecycle.stages.ingest",
     "lmcore.lifecycle.stages.tokenizer",
     "lmcore.lifecycle.stages.tokenize",
@@ -210,8 +223,8 @@ def _run_child(request: dict[str, Any], out_fd: int) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.argv = list(request["argv"])
-        from flows.cli import app
-
+        module, _, name = ENTRY.partition(":")
+        app = getattr(importlib.import_module(module), name)
         app(args=sys.argv[1:], prog_name="lmcycle")  # typer ends with SystemExit
         code = 0
     except SystemExit as exit_:
@@ -412,45 +425,6 @@ class StageHost:
         with contextlib.suppress(OSError):
             self.socket_path.unlink(missing_ok=True)
             self.folder.rmdir()
-
-
-# --- one host per flow run ---------------------------------------------------------------------------------
-
-_prestarted: dict[Path, StageHost] = {}
-
-
-def start_for(root: Path) -> StageHost | None:
-    """A host for the workspace `root`, or None when LMCYCLE_WARM_STAGES=0 or it cannot start (stages then start
-    as fresh processes)."""
-    if not warm_stages_enabled():
-        return None
-    try:
-        (root / ".lmcycle").mkdir(exist_ok=True)
-        return StageHost.start(root, {**os.environ, **stage_env()}, log=root / ".lmcycle" / "stagehost.log")
-    except OSError as err:
-        print(f"lmcycle: warm stage host not started ({err}); stages start as fresh processes", file=sys.stderr)
-        return None
-
-
-@contextlib.contextmanager
-def prestarted(root: Path) -> Any:
-    """Start the host before the flow is even imported (`lmcycle run`), for the flow to adopt; closed here if the
-    flow never took it."""
-    root = root.resolve()
-    host = start_for(root)
-    if host is not None:
-        _prestarted[root] = host
-    try:
-        yield
-    finally:
-        left = _prestarted.pop(root, None)
-        if left is not None:
-            left.close()
-
-
-def take_prestarted(root: Path) -> StageHost | None:
-    host = _prestarted.pop(root.resolve(), None)
-    return host if host is not None and host.alive() else None
 
 
 def main() -> None:

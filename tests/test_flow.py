@@ -25,7 +25,8 @@ import pytest
 import yaml
 from conftest import make_workspace, tiny_params
 
-from flows.lifecycle import group_alive, run_dvc_stage
+from flows.lifecycle import run_dvc_stage
+from flows.processes import group_alive
 from lmcore.lifecycle.workspace import dvc_lock_hash, workspace_lock
 
 

@@ -42,3 +42,10 @@ def test_the_library_imports_nothing_of_the_lifecycle_layer() -> None:
         if _listed(up, ["lmcore.lifecycle"])
     )
     assert not leaks, f"library modules importing the lifecycle layer: {leaks}"
+
+
+def test_only_the_dvc_adapter_imports_dvc() -> None:
+    """One seam per foreign mechanism: every import of DVC in lmcore and flows is in lmcore.lifecycle.dvcadapter."""
+    graph = grimp.build_graph("lmcore", "flows", include_external_packages=True)
+    importers = {m for dvc in ("dvc", "dvc_data") for m in graph.find_modules_that_directly_import(dvc)}
+    assert importers == {"lmcore.lifecycle.dvcadapter"}, f"modules importing DVC: {sorted(importers)}"

@@ -234,7 +234,8 @@ def test_a_run_pushes_and_a_fresh_clone_that_pulls_runs_no_stage(workspace_facto
     # with the remote, DVC fetches what its run cache restores; from another directory, as `--workspace` allows
     third = run_cli("run", "--workspace", str(older), cwd=tmp_path, **env)
     assert third.returncode == 0, third.stderr[-5000:]
-    # every stage comes out of the run cache: ingest too (flows/runcache.py), its sources' fingerprints unchanged
+    # every stage comes out of the run cache: ingest too (lmcore/lifecycle/dvcadapter/runcache.py), its sources'
+    # fingerprints unchanged
     assert stage_states(third.stderr) == dict.fromkeys(stages, "restored"), third.stderr[-3000:]
     assert not (older / "checkpoints").exists()
     lock = yaml.safe_load((older / "dvc.lock").read_text())["stages"]

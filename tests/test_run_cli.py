@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 from test_flow import STUBBORN_STAGE, script, synthetic_workspace
 
-from flows.lifecycle import group_alive
+from flows.processes import group_alive
 
 
 def stage_pids(root: Path, proc: subprocess.Popen | None = None, timeout_s: float = 180.0) -> list[int]:

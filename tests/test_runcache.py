@@ -1,7 +1,7 @@
 """Every stage comes back from DVC's run cache in a fresh clone whose dvc.lock predates the run: the graph runs once,
 `dvc push --run-cache` (flows.remote.push) fills a local-directory remote, and a clone that pulls runs no stage
 (real git with a bare origin, real DVC, the real flow). The always-changed ingest is restored by the flow only while
-its sources keep the fingerprints its restored report records (flows/runcache.py)."""
+its sources keep the fingerprints its restored report records (lmcore/lifecycle/dvcadapter/runcache.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 import yaml
 from test_remote import commit, run_cli, sh, stage_states
 
-from flows.remote import dvc_pull_step, push
-from flows.runcache import restore_ingest
+from flows.remote import dvc_pull_step, push, restore_ingest
 
 SHORT = {  # the whole graph in seconds: what is checked is where outputs come from, not what they are worth
     "pretrain": {"steps": 4, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2, "log_every": 1},

@@ -92,8 +92,8 @@ def test_a_model_file_edit_makes_evaluate_stale(tmp_path: Path) -> None:
 def test_dvc_outside_the_tested_range_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import dvc
 
-    from flows.lifecycle import check_dvc_version
     from lmcore.errors import LmcycleError
+    from lmcore.lifecycle.dvcadapter import check_dvc_version
 
     check_dvc_version()  # the installed DVC is the tested one
     monkeypatch.setattr(dvc, "__version__", "3.99.0")

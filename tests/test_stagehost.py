@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import copy_workspace, needs_fork_host
 
-from flows.lifecycle import group_alive, stop_group
+from flows.processes import group_alive, stop_group
 from flows.stagehost import HostedProcess, StageHost, stage_env
 
 pytestmark = needs_fork_host
@@ -129,9 +129,7 @@ def test_the_host_is_on_by_default_only_where_fork_is_safe_and_the_variable_deci
 def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_processes(
     tmp_path, pretrained_workspace, host, host_state
 ):
-    from dvc.stage.exceptions import StageCmdFailedError
-
-    from flows.lifecycle import _CommandRunner
+    from flows.executor import CommandRunner, WarmHost
 
     if host_state == "closed":
         host.close()
@@ -150,31 +148,30 @@ def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_
                     parents.append(proc.ppid())
                     os.killpg(os.getpgid(proc.pid), signal.SIGTERM)  # done: stop it as a timeout would
 
-    runner = _CommandRunner(time.monotonic() + 600, 30.0, on_line, host)
-    with pytest.raises(StageCmdFailedError):
-        runner("/bin/sh", "lmcycle stage pretrain", cwd=str(ws), env=env)
+    runner = CommandRunner(time.monotonic() + 600, 30.0, on_line, WarmHost(host))
+    assert runner(["/bin/sh", "-c", "lmcycle stage pretrain"], str(ws), env) != 0  # as DVC hands it over
     assert parents == [host.proc.pid if host_state == "live" else os.getpid()]
     assert runner.exit_code != 0
 
     lines: list[str] = []
-    runner = _CommandRunner(time.monotonic() + 60, 5.0, lines.append, host)
-    with pytest.raises(StageCmdFailedError, match="exited with 2"):
-        runner("/bin/sh", "lmcycle stage nope", cwd=str(tmp_path), env=env)
+    runner = CommandRunner(time.monotonic() + 60, 5.0, lines.append, WarmHost(host))
+    assert runner(["/bin/sh", "-c", "lmcycle stage nope"], str(tmp_path), env) == 2
     assert any("unknown stage 'nope'" in line for line in lines)
     assert runner.exit_code == 2
 
 
 def test_a_registration_forked_from_the_host_fails_with_its_own_one_line_error(workspace_factory, host):
-    from flows.lifecycle import _CommandRunner, _register_in_host
+    from flows.executor import CommandRunner, WarmHost
+    from flows.lifecycle import _register_in_host
     from lmcore.errors import LmcycleError
 
     ws = workspace_factory(dvc=False)  # params, but no trained model yet
     lines: list[str] = []
-    runner = _CommandRunner(time.monotonic() + 120, 5.0, lines.append, host)
+    runner = CommandRunner(time.monotonic() + 120, 5.0, lines.append, WarmHost(host))
     with pytest.raises(LmcycleError, match=r"registration failed \(exit code 1\): .*model") as failure:
         _register_in_host(runner, ws, None, None, timeout_s=120.0)
     assert "\n" not in str(failure.value)
     assert any(line.startswith("error:") for line in lines)
-    expired = _CommandRunner(time.monotonic(), 0.5, lines.append, host)  # the deadline is already here
+    expired = CommandRunner(time.monotonic(), 0.5, lines.append, WarmHost(host))  # the deadline is already here
     with pytest.raises(LmcycleError, match=r"^registration timed out after 7 s \(flow\.stage_timeout_s\)$"):
         _register_in_host(expired, ws, None, None, timeout_s=7.0)

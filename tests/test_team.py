@@ -142,7 +142,7 @@ def test_a_deployment_run_trains_tracks_and_registers_in_a_fresh_clone_on_the_wo
     team_repo: TeamRepo,
     first_run: dict[str, Any],
 ):
-    from flows.lifecycle import stage_graph
+    from lmcore.lifecycle.dvcadapter import stage_graph
 
     # Prefect: every stage ran (DVC found nothing up to date in a fresh clone), then registration.
     stages, _ = stage_graph(team_repo.clone1)
@@ -283,7 +283,7 @@ def test_a_second_deployment_run_restores_every_stage_from_the_dvc_remote(
     assert pushed, "the first deployment run pushed nothing to the workspace's DVC remote"
     flow_run = wait_for(team, trigger(team, team_repo.clone1, OVERRIDES))
     assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
-    from flows.lifecycle import stage_graph
+    from lmcore.lifecycle.dvcadapter import stage_graph
 
     stages, _ = stage_graph(team_repo.clone1)
     assert {"ingest", "pretrain", "finetune", "evaluate"} <= set(stages)

@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmcycleError
+from lmcore.lifecycle.dvcadapter import lock_outs, output_hash, stage_definitions
 from lmcore.lifecycle.workspace import (
-    dvc_hash,
-    dvc_lock_outs,
-    dvc_stages,
     entry_paths,
     environment,
     git_commit,
@@ -395,7 +393,7 @@ def _status_for(err: BaseException) -> str:
 def _stage_start(stage: str, config: Config, paths: Paths) -> dict[str, Any]:
     """What a stage's run starts with: its tags and the params.yaml keys dvc.yaml declares for it."""
     root = original_root(paths.root)
-    definition = dvc_stages(paths.root).get(stage, {})
+    definition = stage_definitions(paths.root).get(stage, {})
     tags = {
         "lmcycle.stage": stage,
         **lineage_tags(paths.root),
@@ -442,7 +440,7 @@ def stage_run(stage: str, config: Config, paths: Paths) -> Iterator[Reporter]:
     status = "FINISHED"
     try:
         yield rep
-        log_stage_outputs(rep, stage, paths, dvc_stages(paths.root).get(stage, {}))
+        log_stage_outputs(rep, stage, paths, stage_definitions(paths.root).get(stage, {}))
     except BaseException as err:
         status = _status_for(err)
         with contextlib.suppress(Exception):
@@ -635,7 +633,7 @@ class SpoolForwarder:
         try:
             if status == "FINISHED":
                 root = Path(state["root"])
-                log_stage_outputs(rep, state["stage"], Paths.of(root), dvc_stages(root).get(state["stage"], {}))
+                log_stage_outputs(rep, state["stage"], Paths.of(root), stage_definitions(root).get(state["stage"], {}))
             if event.get("error"):
                 rep.set_tags({"lmcycle.error": _text(event["error"], MAX_TAG_CHARS)})
             if event.get("env"):
@@ -707,13 +705,13 @@ def _log_small_files(rep: Reporter, root: Path, path: Path) -> None:
 
 def log_stage_inputs(rep: Reporter, root: Path, definition: dict[str, Any]) -> None:
     """Datasets = the stage's dependencies that other stages produced, with DVC's hash from dvc.lock."""
-    produced = dvc_lock_outs(root)
+    produced = lock_outs(root)
     for dep in entry_paths(definition.get("deps")):
         if not any(dep == p or dep.startswith(p + "/") for p in produced):
             continue
         if dep.split("/")[0] != "data":
             continue
-        digest = dvc_hash(root, dep)
+        digest = output_hash(root, dep)
         if digest:
             rep.log_input(name=dep, digest=digest, source=str(root / dep))
 

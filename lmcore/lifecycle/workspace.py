@@ -5,8 +5,7 @@ The workspace is the DVC repository checkout. Two design choices live here:
   `.dvc/tmp/exps/...`; DVC exports the parent repository as DVC_ROOT), so tracking stays anchored to the real
   workspace wherever DVC runs a stage.
 - `workspace_lock` is an `fcntl` lock on `.lmcycle/lock`: the kernel drops it when its holder dies, so a crashed
-  run never leaves a stale lock behind. It is re-entrant within one process (the CLI takes it before writing
-  overrides, then the flow takes it again).
+  run never leaves a stale lock behind. It is re-entrant within one process.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -29,6 +27,9 @@ from typing import Any
 import yaml
 
 from lmcore.errors import LmcycleError
+from lmcore.lifecycle.dvcadapter import lock_outs
+from lmcore.lifecycle.dvcadapter import output_hash as dvc_hash  # noqa: F401 (lmcore.lifecycle.registry's name)
+from lmcore.lifecycle.dvcadapter import stage_definitions as dvc_stages  # noqa: F401 (as dvc_hash)
 
 LOCK_FILE = Path(".lmcycle") / "lock"
 EXPS_TMP = (".dvc", "tmp", "exps")
@@ -108,35 +109,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
-_TEMPLATE = re.compile(r"\$\{\s*([A-Za-z0-9_.-]+)\s*\}")
-
-
-def dvc_stages(root: Path) -> dict[str, dict[str, Any]]:
-    """The `stages:` mapping of dvc.yaml, with `${section.key}` references to params.yaml filled in (DVC's own
-    templating for the common case; `foreach`/`matrix` stages are returned as written)."""
-    stages = read_yaml(Path(root) / "dvc.yaml").get("stages") or {}
-    params = read_yaml(Path(root) / "params.yaml")
-
-    def lookup(match: re.Match) -> str:
-        node: Any = params
-        for part in match.group(1).split("."):
-            if not isinstance(node, dict) or part not in node:
-                return match.group(0)
-            node = node[part]
-        return str(node)
-
-    def fill(node: Any) -> Any:
-        if isinstance(node, str):
-            return _TEMPLATE.sub(lookup, node)
-        if isinstance(node, list):
-            return [fill(item) for item in node]
-        if isinstance(node, dict):
-            return {fill(k): fill(v) for k, v in node.items()}
-        return node
-
-    return fill(stages)
-
-
 def entry_paths(entries: list[Any] | None) -> list[str]:
     """Paths of dvc.yaml `deps`/`outs`/`metrics`/`plots` entries (plain strings or single-key mappings)."""
     paths = []
@@ -161,68 +133,13 @@ def stage_param_keys(stage: dict[str, Any]) -> list[str]:
     return keys
 
 
-def dvc_lock_outs(root: Path) -> dict[str, dict[str, Any]]:
-    """Every output recorded in dvc.lock, by path: {'md5': ..., 'size': ..., 'nfiles': ..., 'stage': ...}."""
-    lock = read_yaml(Path(root) / "dvc.lock")
-    outs = {}
-    for stage_name, stage in (lock.get("stages") or {}).items():
-        for out in stage.get("outs") or []:
-            outs[out["path"]] = {**out, "stage": stage_name}
-    return outs
-
-
 def data_fingerprints(root: Path) -> dict[str, str]:
     """DVC's hash of every stage output under data/ and models/ (the lineage of a model's data)."""
     return {
         path: str(out.get("md5") or out.get("hash") or "")
-        for path, out in dvc_lock_outs(root).items()
+        for path, out in lock_outs(root).items()
         if path.split("/")[0] in {"data", "models"}
     }
-
-
-def _cache_dir(root: Path) -> Path:
-    import configparser
-
-    cache = Path(root) / ".dvc" / "cache"
-    for name in ("config", "config.local"):
-        parser = configparser.ConfigParser()
-        with contextlib.suppress(configparser.Error, OSError):
-            parser.read(Path(root) / ".dvc" / name)
-            if parser.has_option("cache", "dir"):
-                cache = (Path(root) / ".dvc" / parser.get("cache", "dir").strip('"')).resolve()
-    return cache
-
-
-def dvc_hash(root: Path, path: str) -> str | None:
-    """DVC's hash of a stage output, or of a file/directory inside one, from dvc.lock and the cache manifests.
-
-    This is exactly the md5 `dvc repro` records for that path as a dependency, computed without hashing the data
-    again (dvc-data's own Tree digest over the output's `.dir` manifest).
-    """
-    outs = dvc_lock_outs(root)
-    if path in outs:
-        return outs[path].get("md5")
-    for out_path, out in outs.items():
-        md5 = str(out.get("md5") or "")
-        if not (path.startswith(out_path + "/") and md5.endswith(".dir")):
-            continue
-        manifest = _cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
-        if not manifest.is_file():
-            return None
-        entries = json.loads(manifest.read_text())
-        rel = path[len(out_path) + 1 :]
-        for entry in entries:
-            if entry["relpath"] == rel:
-                return entry["md5"]
-        inner = [{**e, "relpath": e["relpath"][len(rel) + 1 :]} for e in entries if e["relpath"].startswith(rel + "/")]
-        if not inner:
-            return None
-        from dvc_data.hashfile.tree import Tree
-
-        tree = Tree.from_list(inner)
-        tree.digest()
-        return tree.hash_info.value
-    return None
 
 
 # --- environment -------------------------------------------------------------------------------------------
@@ -353,30 +270,3 @@ def workspace_lock(root: Path, timeout_s: float = 0.0) -> Iterator[Path]:
         del _held[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-@contextlib.contextmanager
-def dvc_write_lock(root: Path, path: Path) -> Iterator[None]:
-    """Hold DVC's write lock on `path` (its `.dvc/tmp/rwlock`, the lock `dvc repro`, `dvc exp run` and the flow
-    take on a stage's deps and outs while its command runs). Writing params.yaml under it means a running stage
-    never has its params changed under it, so DVC never records in dvc.lock params its model was not trained with;
-    the writer fails in one line instead, and a stage cannot start while the write is under way. A folder that is
-    no DVC repository has no such lock."""
-    if not (root / ".dvc").is_dir():
-        yield
-        return
-    from dvc.lock import LockError
-    from dvc.repo import Repo
-    from dvc.rwlock import rwlock
-
-    with Repo(str(root)) as repo:
-        hardlink = repo.config["core"].get("hardlink_lock", False)
-        try:
-            with rwlock(repo.tmp_dir, repo.fs, f"lmcycle: write {path.name}", [], [str(path.resolve())], hardlink):
-                yield
-        except LockError as err:
-            holders = [line.strip() for line in str(err).splitlines() if line.strip().startswith("(PID")]
-            raise LmcycleError(
-                f"{path}: not written: a running stage reads it ({'; '.join(holders) or 'DVC lock'}); "
-                "run again when it ends"
-            ) from None
