@@ -45,7 +45,10 @@ def test_the_library_imports_nothing_of_the_lifecycle_layer() -> None:
 
 
 def test_only_the_dvc_adapter_imports_dvc() -> None:
-    """One seam per foreign mechanism: every import of DVC in lmcore and flows is in lmcore.lifecycle.dvcadapter."""
+    """One seam per foreign mechanism: every import of DVC in lmcore and flows is in lmcore.lifecycle.dvcadapter
+    (the package: its run-cache module too)."""
     graph = grimp.build_graph("lmcore", "flows", include_external_packages=True)
     importers = {m for dvc in ("dvc", "dvc_data") for m in graph.find_modules_that_directly_import(dvc)}
-    assert importers == {"lmcore.lifecycle.dvcadapter"}, f"modules importing DVC: {sorted(importers)}"
+    assert "lmcore.lifecycle.dvcadapter" in importers
+    outside = sorted(m for m in importers if not m.startswith("lmcore.lifecycle.dvcadapter"))
+    assert not outside, f"modules importing DVC outside lmcore.lifecycle.dvcadapter: {outside}"
