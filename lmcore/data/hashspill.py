@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 
 BUDGET_BYTES = 32 * 2**20  # val hashes held in memory at once; above it the files are split by hash range
-CHUNK = 1 << 19  # values read at a time (4 MiB)
+CHUNK = 1 << 17  # values read at a time (1 MiB)
 _FANOUT_BITS = 8
 SPLITS = ("train", "val")
 
@@ -72,8 +72,8 @@ def _count(train: Path, val: Path, bits_done: int) -> tuple[int, int]:
     for train_part, val_part in zip(_split(train, bits_done), _split(val, bits_done), strict=True):
         d, s = _count(train_part, val_part, bits_done + _FANOUT_BITS)
         distinct, shared = distinct + d, shared + s
-        train_part.unlink()
-        val_part.unlink()
+        train_part.unlink(missing_ok=True)  # a part split further is already gone
+        val_part.unlink(missing_ok=True)
     return distinct, shared
 
 

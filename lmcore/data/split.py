@@ -23,7 +23,7 @@ from lmcore.data.hashspill import HashSpill
 
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation + "“”‘’«»„‚‹›–—…¡¿"})
 _PRIME = np.uint64(1_000_000_007)
-WORD_CACHE = 200_000  # distinct words whose hash is kept (about 20 MB); the cache starts over when full
+WORD_CACHE = 100_000  # distinct words whose hash is kept (about 10 MB); the cache starts over when full
 
 
 def content_digest(content: str) -> bytes:
