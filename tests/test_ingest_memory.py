@@ -158,3 +158,18 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     large = peak_rss_kib(tmp_path / "4n", 160_000)
     growth_mib = (large - small) / 1024
     assert growth_mib < 6, f"peak RSS grew by {growth_mib:.1f} MiB from 40 000 to 160 000 records"
+
+
+def test_a_full_disk_under_the_seen_set_is_the_one_line_full_disk_error(tmp_path):
+    """SQLite's own "database or disk is full" (here from a page limit) must reach `writing` as ENOSPC."""
+    from lmcore.diskspace import writing
+    from lmcore.errors import DiskFullError
+
+    seen = SeenSet(tmp_path / "seen.sqlite")
+    seen.db.execute("PRAGMA max_page_count=8")
+    try:
+        with pytest.raises(DiskFullError, match="/out: no space left on device \\("), writing(tmp_path / "out"):
+            for i in range(100_000):
+                seen.add(i.to_bytes(8, "big"))
+    finally:
+        seen.close()
