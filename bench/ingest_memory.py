@@ -129,12 +129,15 @@ def child(root: Path, peer: bool) -> dict:
     start = time.perf_counter()
     summary = ingest.run(config, Paths.of(root))
     seconds = time.perf_counter() - start
+    peak = peak_rss()  # before reading the outputs back
     digest = hashlib.sha256()
     for path in [*sorted((root / "data" / "ingest").rglob("*")), root / "reports" / "ingest.json"]:
         if path.is_file():
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+            with path.open("rb") as f:
+                file_hash = hashlib.file_digest(f, "sha256").hexdigest()
+            digest.update(f"{path.relative_to(root).as_posix()}\0{file_hash}\n".encode())
     return {
-        "peak_rss": peak_rss(),
+        "peak_rss": peak,
         "baseline_rss": baseline,
         "seconds": seconds,
         "digest": digest.hexdigest(),
