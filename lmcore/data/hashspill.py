@@ -82,6 +82,7 @@ def _count_loaded(train: Path, val: Path) -> tuple[int, int]:
     values = _unique(np.fromfile(val, dtype=np.uint64))
     found = np.zeros(values.size, dtype=bool)
     for chunk in _chunks(train):
+        chunk.sort()  # sorted keys make searchsorted about twice as fast
         at = np.minimum(np.searchsorted(values, chunk), values.size - 1)
         found[at[values[at] == chunk]] = True
     return int(values.size), int(found.sum())
