@@ -114,9 +114,8 @@ def _split(path: Path, bits_done: int) -> list[Path]:
             chunk = _unique(chunk)  # sorted; values share their top bits, so the next bits come in order too
             keys = (chunk >> shift) & np.uint64(fanout - 1)
             bounds = np.searchsorted(keys, edges)
-            for i, f in enumerate(files):
-                if bounds[i] < bounds[i + 1]:
-                    f.write(chunk[bounds[i] : bounds[i + 1]].tobytes())
+            for i in np.flatnonzero(np.diff(bounds)):
+                files[i].write(chunk[bounds[i] : bounds[i + 1]].tobytes())
     finally:
         for f in files:
             f.close()
