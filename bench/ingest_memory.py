@@ -10,7 +10,7 @@ at 1× and 8× its size, then runs `lmcore.stages.ingest.run` on each in a fresh
          end) and an unbounded word-hash cache.
 
 Both must write byte-identical outputs and reports (checked). Goal: the stage's peak RSS grows ≤ 1.2× from the
-1× to the 8× corpus. No timing goal; seconds are printed for information.
+1× to the 8× corpus. No timing goal; wall and CPU seconds are printed for information.
 
 Usage: python bench/ingest_memory.py [--mib 40] [--copies 8]
 """
@@ -126,9 +126,9 @@ def child(root: Path, peer: bool) -> dict:
         split.WORD_CACHE = 1 << 62
     config = load_config(root / "params.yaml")
     baseline = peak_rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = ingest.run(config, Paths.of(root))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = peak_rss()  # before reading the outputs back
     digest = hashlib.sha256()
     for path in [*sorted((root / "data" / "ingest").rglob("*")), root / "reports" / "ingest.json"]:
@@ -140,6 +140,7 @@ def child(root: Path, peer: bool) -> dict:
         "peak_rss": peak,
         "baseline_rss": baseline,
         "seconds": seconds,
+        "cpu": cpu,
         "digest": digest.hexdigest(),
         "documents": sum(int(n) for n in summary["pretrain documents"].split() if n.isdigit()),
         "duplicates": summary["pretrain duplicates removed"],
@@ -193,13 +194,14 @@ def main() -> None:
     print(f"\nlmcycle ingest memory benchmark  (synthetic jsonl, ~1 KB documents; {cores} cores)")
     print("peer = the same stage with every hash held in memory (Python set + n-gram arrays); outputs identical\n")
     head = f"{'corpus':<10}{'records':>10}{'kept':>10}{'stage MiB':>11}{'peer MiB':>10}{'stage/peer':>12}"
-    print(head + f"{'stage s':>9}{'peer s':>8}")
+    print(head + f"{'stage s':>9}{'peer s':>8}{'stage CPU s':>13}{'peer CPU s':>12}")
     for scale, records, r in rows:
         stage, peer = r["stage"], r["peer"]
         print(
             f"{f'{scale}×':<10}{records:>10,}{stage['documents']:>10,}"
             f"{stage['peak_rss'] / mib:>11.1f}{peer['peak_rss'] / mib:>10.1f}"
             f"{stage['peak_rss'] / peer['peak_rss']:>12.2f}{stage['seconds']:>9.1f}{peer['seconds']:>8.1f}"
+            f"{stage['cpu']:>13.1f}{peer['cpu']:>12.1f}"
         )
     (_, _, small), (scale, _, large) = rows
     for name in ("stage", "peer"):

@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-CACHE_KIB = 16 * 1024  # SQLite's page cache: the memory the set may use, whatever the number of keys
+CACHE_KIB = 2 * 1024  # SQLite's page cache: the memory the set may use, whatever the number of keys
 COMMIT_EVERY = 50_000  # inserts per transaction (dirty pages beyond the cache spill to the file anyway)
 
 

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-BUDGET_BYTES = 32 * 2**20  # val hashes held in memory at once; above it the files are split by hash range
+BUDGET_BYTES = 4 * 2**20  # val hashes held in memory at once; above it the files are split by hash range
 CHUNK = 1 << 17  # values read at a time (1 MiB)
 _FANOUT_BITS = 8
 SPLITS = ("train", "val")
