@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -32,8 +33,9 @@ class HashSpill:
     """Appends 64-bit hashes of the train and val splits to files; `overlap` counts them and removes the files."""
 
     def __init__(self, directory: Path | None = None) -> None:
-        if directory is None:
+        if directory is None:  # a private temporary directory, removed with this object at the latest
             directory = Path(tempfile.mkdtemp(prefix="lmcycle-ngrams-"))
+            weakref.finalize(self, shutil.rmtree, directory, True)
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.paths = {split: directory / f"{split}.u64" for split in SPLITS}
