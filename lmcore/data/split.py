@@ -6,21 +6,24 @@
   reordered, renamed or appended to, and changing the salt draws a new split.
 - Contamination is the share of distinct val word n-grams (words lower-cased, punctuation removed) that also
   occur in train.
-  Each n-gram is a 64-bit polynomial hash over 64-bit word hashes (BLAKE2b), so train costs 8 bytes per word of
-  train text (about 6 MB for the 790 k words of the KJV). That is fine for corpora of this size; a corpus of many
-  GB would need a sampled or on-disk set.
+  Each n-gram is a 64-bit polynomial hash over 64-bit word hashes (BLAKE2b). The hashes go to files as they come
+  (8 bytes per word of text) and are counted exactly in bounded memory (lmcore/data/hashspill.py); the word
+  hashes are cached for at most `WORD_CACHE` distinct words, so memory does not grow with the vocabulary either.
 """
 
 from __future__ import annotations
 
 import hashlib
 import string
-from array import array
+from pathlib import Path
 
 import numpy as np
 
+from lmcore.data.hashspill import HashSpill
+
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation + "“”‘’«»„‚‹›–—…¡¿"})
 _PRIME = np.uint64(1_000_000_007)
+WORD_CACHE = 100_000  # distinct words whose hash is kept (about 10 MB); the cache starts over when full
 
 
 def content_digest(content: str) -> bytes:
@@ -37,33 +40,39 @@ def is_val(digest: bytes, salt: str, val_fraction: float) -> bool:
 
 
 class NgramOverlap:
-    """Collects word n-gram hashes of train and val documents, then measures how much of val occurs in train."""
+    """Collects word n-gram hashes of train and val documents, then measures how much of val occurs in train.
 
-    def __init__(self, n: int) -> None:
+    The hashes are spilled to files under `directory` (a new temporary directory when None), removed by `result`.
+    """
+
+    def __init__(self, n: int, directory: Path | None = None) -> None:
         self.n = n
-        self.hashes = {"train": array("Q"), "val": array("Q")}
+        self.spill = HashSpill(directory)
         self._word_hashes: dict[str, int] = {}
+        self._result: dict[str, float | int] | None = None
 
     def add(self, text: str, split: str) -> None:
         ngrams = self._ngram_hashes(text)
         if ngrams.size:
-            self.hashes[split].frombytes(ngrams.tobytes())
+            self.spill.add(split, ngrams)
 
     def result(self) -> dict[str, float | int]:
-        train = np.frombuffer(self.hashes["train"], dtype=np.uint64)
-        train.sort()  # in place: no second copy of the largest array
-        val = _sorted_unique(self.hashes["val"])
-        shared = 0
-        if val.size and train.size:
-            at = np.minimum(np.searchsorted(train, val), train.size - 1)
-            shared = int((train[at] == val).sum())
-        fraction = round(shared / val.size, 6) if val.size else 0.0
-        return {"ngram": self.n, "val_ngrams": int(val.size), "shared_with_train": shared, "fraction": fraction}
+        if self._result is None:
+            val, shared = self.spill.overlap()
+            fraction = round(shared / val, 6) if val else 0.0
+            self._result = {"ngram": self.n, "val_ngrams": val, "shared_with_train": shared, "fraction": fraction}
+        return self._result
+
+    def close(self) -> None:
+        """No more `add`: close the spill files (`result` still counts them)."""
+        self.spill.close()
 
     def _word_hash(self, word: str) -> int:
         value = self._word_hashes.get(word)
         if value is None:
             value = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+            if len(self._word_hashes) >= WORD_CACHE:
+                self._word_hashes.clear()
             self._word_hashes[word] = value
         return value
 
@@ -80,10 +89,3 @@ class NgramOverlap:
         for offset in range(self.n):  # uint64 arithmetic wraps modulo 2**64, which is what a rolling hash wants
             acc = acc * _PRIME + ids[offset : offset + count]
         return acc
-
-
-def _sorted_unique(hashes: array) -> np.ndarray:
-    values = np.sort(np.frombuffer(hashes, dtype=np.uint64))
-    if values.size < 2:
-        return values
-    return values[np.concatenate(([True], values[1:] != values[:-1]))]

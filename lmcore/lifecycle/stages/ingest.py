@@ -1,8 +1,10 @@
 """The ingest stage: every data source → cleaned, deduplicated, split jsonl under data/ingest/<kind>/{train,val}.jsonl.
 
-Records stream to the output files as they are read, so memory holds a block of input, one document, a 64-bit
-hash per kept document (deduplication, across all sources of a kind; the first copy in source and file order is
-kept) and the n-gram hashes of the contamination check. Everything is written into a temporary directory beside
+Records stream to the output files as they are read, so memory holds a block of input and one document, whatever
+the corpus size: the 64-bit hash of each kept document (deduplication, across all sources of a kind; the first
+copy in source and file order is kept) lives in an SQLite file (lmcore/data/dedup.py) and the n-gram hashes of the
+contamination check in spill files (lmcore/data/hashspill.py), both in a scratch directory inside the temporary
+output directory, removed before it is swapped in. Everything is written into a temporary directory beside
 data/ingest that replaces it only at the end: a failed run leaves the previous output untouched. The same inputs
 and params give byte-identical outputs and report (reports/ingest.json, no timings), which is what lets
 `always_changed: true` in dvc.yaml skip every downstream stage when nothing changed. A source that yields no
@@ -32,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmcore.data.dedup import SeenSet
 from lmcore.data.records import (
     Message,
     Tally,
@@ -106,19 +109,19 @@ class KindWriter:
         directory.mkdir(parents=True)
         self.kind, self.data = kind, data
         self.files = {s: (directory / f"{s}.jsonl").open("w", encoding="utf-8", newline="\n") for s in SPLITS}
-        self.seen: set[bytes] = set()
+        self.scratch = directory.parent / f".scratch-{kind}"  # inside the temporary output directory
+        self.seen = SeenSet(self.scratch / "seen.sqlite")
         self.documents: Counter = Counter()
         self.bytes: Counter = Counter()
         self.per_source: Counter = Counter()
-        self.overlap = NgramOverlap(data.contamination_ngram)
+        self.overlap = NgramOverlap(data.contamination_ngram, self.scratch / "ngrams")
         self.tally = Tally()
 
     def add(self, entry: Entry, source_index: int) -> None:
         digest = content_digest(entry.content)
-        if digest[:8] in self.seen:
+        if not self.seen.add(digest[:8]):
             self.tally.counts["duplicates_removed"] += 1
             return
-        self.seen.add(digest[:8])
         split = "val" if is_val(digest, self.data.split_salt, self.data.val_fraction) else "train"
         record = {"id": content_id(digest), "source": source_index, **entry.fields}
         self.files[split].write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
@@ -130,6 +133,8 @@ class KindWriter:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+        self.seen.close()
+        self.overlap.close()
 
     def check_splits(self) -> None:
         train, val = self.documents["train"], self.documents["val"]
@@ -147,6 +152,7 @@ class KindWriter:
         out["bytes"] = {s: self.bytes[s] for s in SPLITS}
         out["files_skipped"] = {"count": len(self.tally.files_skipped), "files": self.tally.files_skipped}
         out["contamination"] = self.overlap.result()
+        shutil.rmtree(self.scratch, ignore_errors=True)
         out["sources"] = [{**s, "documents": self.per_source[s["index"]]} for s in sources]
         if self.kind == "sft":
             out["unknown_roles"] = {
