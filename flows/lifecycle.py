@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from flows.executor import TAIL_LINES, CommandRunner, Executor, executor_for
+from flows.executor import TAIL_LINES, CommandRunner, Executor, FreshProcess, executor_for
 from flows.notify import notify_completion, notify_failure, save_report
 from flows.preflight import RunRequest, adopted_or_prepared, telemetry_off
 from flows.stagehost import stage_env
@@ -193,20 +193,14 @@ def register(
 ) -> dict[str, Any]:
     """Register the workspace's model in MLflow and run the promotion gate (see lmcore.lifecycle.registry).
 
-    With a warm stage host it runs as `lmcycle register` forked from the host, which has transformers and
-    mlflow's transformers flavor imported already; otherwise here.
+    It runs as `lmcycle register`, a command like a stage's: forked from the warm stage host when there is one
+    (transformers and mlflow's transformers flavor imported already), else a fresh process, so
+    `flow.stage_timeout_s` stops a registration that hangs (a server that stops answering mid-upload, say) as it
+    stops a stage, which a call in this process could not be.
     """
     logger = get_run_logger()
-    if executor is not None and executor.warm():
-        runner = CommandRunner(time.monotonic() + timeout_s, grace_s, logger.info, executor)
-        result = _register_in_host(runner, Path(workspace), parent_run_id, flow_run_id, timeout_s)
-    else:
-        from lmcore.lifecycle.config import load_config
-        from lmcore.lifecycle.paths import Paths
-        from lmcore.lifecycle.registry import register_model
-
-        paths = Paths.of(workspace)
-        result = register_model(paths, load_config(paths.root / "params.yaml"), parent_run_id, flow_run_id).as_dict()
+    runner = CommandRunner(time.monotonic() + timeout_s, grace_s, logger.info, executor or FreshProcess())
+    result = _register_command(runner, Path(workspace), parent_run_id, flow_run_id, timeout_s)
     logger.info("registered %s v%s (%s): %s", result["name"], result["version"], result["decision"], result["reason"])
     return result
 
@@ -221,7 +215,7 @@ def dvc_push(workspace: str) -> dict[str, Any]:
     return result
 
 
-def _register_in_host(
+def _register_command(
     runner: CommandRunner, root: Path, parent_run_id: str | None, flow_run_id: str | None, timeout_s: float
 ) -> dict[str, Any]:
     import shlex

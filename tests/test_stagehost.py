@@ -162,16 +162,35 @@ def test_the_flow_runs_lmcycle_stage_commands_through_the_host_or_else_as_fresh_
 
 def test_a_registration_forked_from_the_host_fails_with_its_own_one_line_error(workspace_factory, host):
     from flows.executor import CommandRunner, WarmHost
-    from flows.lifecycle import _register_in_host
+    from flows.lifecycle import _register_command
     from lmcore.errors import LmcycleError
 
     ws = workspace_factory(dvc=False)  # params, but no trained model yet
     lines: list[str] = []
     runner = CommandRunner(time.monotonic() + 120, 5.0, lines.append, WarmHost(host))
     with pytest.raises(LmcycleError, match=r"registration failed \(exit code 1\): .*model") as failure:
-        _register_in_host(runner, ws, None, None, timeout_s=120.0)
+        _register_command(runner, ws, None, None, timeout_s=120.0)
     assert "\n" not in str(failure.value)
     assert any(line.startswith("error:") for line in lines)
     expired = CommandRunner(time.monotonic(), 0.5, lines.append, WarmHost(host))  # the deadline is already here
     with pytest.raises(LmcycleError, match=r"^registration timed out after 7 s \(flow\.stage_timeout_s\)$"):
-        _register_in_host(expired, ws, None, None, timeout_s=7.0)
+        _register_command(expired, ws, None, None, timeout_s=7.0)
+
+
+def test_a_registration_without_a_host_runs_as_a_process_the_timeout_stops(workspace_factory):
+    """Without a warm host the flow registers in a fresh process, not in its own: a hung registration is stopped
+    by flow.stage_timeout_s like a stage (and leaves no process behind)."""
+    import psutil
+
+    from flows.executor import CommandRunner, FreshProcess
+    from flows.lifecycle import _register_command
+    from lmcore.errors import LmcycleError
+
+    ws = workspace_factory(dvc=False)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    lines: list[str] = []
+    expired = CommandRunner(time.monotonic(), 0.5, lines.append, FreshProcess())
+    with pytest.raises(LmcycleError, match=r"^registration timed out after 3 s \(flow\.stage_timeout_s\)$"):
+        _register_command(expired, ws, None, None, timeout_s=3.0)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
+    assert not [p for p in left if p.status() != psutil.STATUS_ZOMBIE], left
