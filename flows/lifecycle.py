@@ -411,7 +411,7 @@ def register(
     else:
         from lmcore.lifecycle.config import load_config
         from lmcore.lifecycle.paths import Paths
-        from lmcore.lifecycle.registry import register_model
+        from lmcore.lifecycle.registry.register import register_model
 
         paths = Paths.of(workspace)
         result = register_model(paths, load_config(paths.root / "params.yaml"), parent_run_id, flow_run_id).as_dict()
@@ -583,7 +583,7 @@ def _run_graph(
 def _register(root: Path, run: _ParentRun, host: Any = None) -> dict[str, Any]:
     from lmcore.lifecycle.config import load_config
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import model_to_register
+    from lmcore.lifecycle.registry.candidate import model_to_register
 
     paths, config = Paths.of(root), load_config(root / "params.yaml")
     if model_to_register(paths, config) is None:
@@ -698,7 +698,7 @@ class _ParentRun:
 
 def _eval_rows(root: Path) -> list[dict[str, Any]]:
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import eval_metrics
+    from lmcore.lifecycle.registry.candidate import eval_metrics
 
     metrics, _, _ = eval_metrics(Paths.of(root))
     return [{"metric": k, "value": round(v, 6)} for k, v in sorted(metrics.items())]

@@ -43,6 +43,9 @@ class ProjectConfig(Section):
 # --- data (ingest) -------------------------------------------------------------------------------------------
 
 
+DATA_KINDS = ("pretrain", "sft", "classification")  # the source lists of `data`, one ingest output each
+
+
 class DataConfig(Section):
     pretrain: list[SourceConfig] = Field(default_factory=list)
     sft: list[SourceConfig] = Field(default_factory=list)
