@@ -23,6 +23,7 @@ from lmcore.lifecycle.registry.aliases import champion_history, promote, rollbac
 from lmcore.lifecycle.registry.promotion import rescore_val_bpb
 from lmcore.lifecycle.registry.register import register_model
 from lmcore.lifecycle.registry.uris import RegistryError, client_for, local_model_dir, resolve
+from lmcore.lifecycle.workspace import dvc_lock_hash
 
 
 def reg_workspace(source: Path, dest: Path, name: str, val_bpb: float, lineage: str, **sections: dict) -> Paths:
@@ -81,7 +82,7 @@ def test_first_version_becomes_champion_and_reregistering_reuses_it(pretrained_w
     assert len(client.search_model_versions("name='reg-first'")) == 1
 
     tags = client.get_model_version("reg-first", "1").tags
-    assert tags["lmcycle.dvc_lock_hash"] == __import__("lmcore.lifecycle.workspace").workspace.dvc_lock_hash(paths.root)
+    assert tags["lmcycle.dvc_lock_hash"] == dvc_lock_hash(paths.root)
     assert json.loads(tags["lmcycle.params"])["project"]["registered_model"] == "reg-first"
     assert tags["metric.pretrain.val_bpb"] == "2.5" and tags["lmcycle.gate.value"] == "2.5"
     assert tags["lmcycle.seed"] == "1337" and tags["env.torch"].startswith("2.")

@@ -16,6 +16,8 @@ answer or prediction) and samples.csv/json (the samples table).
   text, run offline on the exported HF models; its metrics are merged as `lm_eval.<model>.<metric>`.
 `*.data_fingerprint` keys hash the held-out text each number was computed on (not its tokens: bits-per-byte is
 tokenizer-independent), so a promotion gate can tell comparable numbers from incomparable ones.
+The sft and classification scorers are the LM library's (lmcore.heldout), the ones the gate re-scores a champion
+with; this module is the plumbing around them (which models, baselines, plots, tables, the report).
 """
 
 from __future__ import annotations
