@@ -34,8 +34,8 @@ lint: install
 	$(BIN)/lint-imports
 
 # Mutation testing of the promotion gate's decision (pyproject [tool.mutmut]): every mutant of `better` and
-# `gate_decision` in lmcore/lifecycle/registry.py must be killed by the fast unit tests of tests/test_gate.py.
-GATE_MUTANTS := 'lmcore.lifecycle.registry.x_better__mutmut_*' 'lmcore.lifecycle.registry.x_gate_decision__mutmut_*'
+# `gate_decision` in lmcore/lifecycle/registry/gate.py must be killed by the fast unit tests of tests/test_gate.py.
+GATE_MUTANTS := 'lmcore.lifecycle.registry.gate.x_better__mutmut_*' 'lmcore.lifecycle.registry.gate.x_gate_decision__mutmut_*'
 mutate: install
 	rm -rf mutants
 	$(BIN)/mutmut run $(GATE_MUTANTS) | tail -n +2 | grep -v '^🎉'

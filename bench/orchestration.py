@@ -95,7 +95,7 @@ def direct(root: Path) -> float:
         config, paths = load_config(root / "params.yaml"), Paths.of(root)
         for name in order:
             importlib.import_module(f"lmcore.lifecycle.stages.{name}").run(config, paths)
-        from lmcore.lifecycle.registry import register_model
+        from lmcore.lifecycle.registry.register import register_model
 
         register_model(paths, config)
         return time.perf_counter() - started

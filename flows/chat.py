@@ -42,7 +42,7 @@ def chat(
     from lmcore.chat import Chat
     from lmcore.engine import SamplingConfig
     from lmcore.generate import load_model
-    from lmcore.lifecycle.registry import resolve_model_path
+    from lmcore.lifecycle.registry.uris import resolve_model_path
 
     try:
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -18,7 +18,7 @@ from flows.chat import chat as chat_command
 from flows.initcmd import code, init, version_callback
 from flows.preflight import telemetry_off
 from lmcore.errors import LmcycleError
-from lmcore.lifecycle.stages import STAGES
+from lmcore.lifecycle.config import STAGES
 
 TRAINING_STAGES = ("pretrain", "finetune")  # the stages that may run as several processes
 
@@ -228,7 +228,7 @@ def register_(
 
     from lmcore.lifecycle.config import atomic_write_text, load_config
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import register_model
+    from lmcore.lifecycle.registry.register import register_model
 
     try:
         paths = Paths.of(workspace)
@@ -247,7 +247,7 @@ app.add_typer(models_app, name="models")
 
 
 def _registry_client():
-    from lmcore.lifecycle.registry import client_for
+    from lmcore.lifecycle.registry.uris import client_for
 
     return client_for(Path("."))
 
@@ -258,7 +258,7 @@ def models_list(name: Annotated[str | None, typer.Argument(help="registered mode
     from rich.console import Console
     from rich.table import Table
 
-    from lmcore.lifecycle.registry import list_models
+    from lmcore.lifecycle.registry.aliases import list_models
 
     try:
         rows = list_models(_registry_client(), name)
@@ -277,7 +277,7 @@ def models_list(name: Annotated[str | None, typer.Argument(help="registered mode
 def models_promote(name: str, version: str) -> None:
     """Give the champion alias to NAME VERSION by hand (recorded on the version)."""
     from lmcore.lifecycle.config import load_config
-    from lmcore.lifecycle.registry import promote
+    from lmcore.lifecycle.registry.aliases import promote
 
     try:
         promote(_registry_client(), name, version, _champion_alias(load_config))
@@ -290,7 +290,7 @@ def models_promote(name: str, version: str) -> None:
 def models_rollback(name: str) -> None:
     """Give the champion alias back to the previous champion."""
     from lmcore.lifecycle.config import load_config
-    from lmcore.lifecycle.registry import rollback
+    from lmcore.lifecycle.registry.aliases import rollback
 
     alias = _champion_alias(load_config)
     try:
@@ -307,7 +307,7 @@ def models_verify(
 ) -> None:
     """Download a version and check its weights against the SHA-256 recorded on it; then serve that directory
     (`mlflow models serve -m DST`): MLflow's own loading checks nothing."""
-    from lmcore.lifecycle.weights import download_verified
+    from lmcore.lifecycle.registry.uris import download_verified
 
     try:
         path = download_verified(_registry_client(), uri, dst)
@@ -334,7 +334,7 @@ def reproduce(
 
     import yaml
 
-    from lmcore.lifecycle.registry import rebuild, recipe
+    from lmcore.lifecycle.registry.reproduce import rebuild, recipe
 
     try:
         rec = recipe(_registry_client(), uri)
@@ -378,7 +378,7 @@ def generate(
     """Sample from a model with its KV cache, streaming the text to the terminal."""
     from lmcore.engine import SamplingConfig
     from lmcore.generate import generate_text, load_model
-    from lmcore.lifecycle.registry import resolve_model_path
+    from lmcore.lifecycle.registry.uris import resolve_model_path
 
     try:
         cfg = SamplingConfig(

@@ -344,7 +344,7 @@ def _run_graph(
 def _register(root: Path, run: ParentRun, executor: Executor | None = None) -> dict[str, Any]:
     from lmcore.lifecycle.config import load_config
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import model_to_register
+    from lmcore.lifecycle.registry.candidate import model_to_register
 
     paths, config = Paths.of(root), load_config(root / "params.yaml")
     if model_to_register(paths, config) is None:

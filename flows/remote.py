@@ -117,7 +117,7 @@ def ingest_up_to_date(root: str | Path, name: str) -> bool:
 def sources_unchanged(config: Any, paths: Any) -> bool:
     """Whether every data source still has the fingerprint recorded in reports/ingest.json."""
     from lmcore.data.sources import resolve
-    from lmcore.lifecycle.stages.ingest import KINDS
+    from lmcore.lifecycle.config import DATA_KINDS as KINDS
 
     try:
         report = json.loads(paths.report(INGEST_STAGE).read_text(encoding="utf-8"))

@@ -85,7 +85,7 @@ PRELOAD = [
     "matplotlib.backends.backend_agg",
     "mlflow",  # registration (`lmcycle register`), the flow's last step
     "mlflow.transformers",
-    "lmcore.lifecycle.registry",
+    "lmcore.lifecycle.registry.register",
 ]
 
 

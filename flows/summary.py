@@ -122,7 +122,7 @@ class ParentRun:
 
 def _eval_rows(root: Path) -> list[dict[str, Any]]:
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import eval_metrics
+    from lmcore.lifecycle.registry.candidate import eval_metrics
 
     metrics, _, _ = eval_metrics(Paths.of(root))
     return [{"metric": k, "value": round(v, 6)} for k, v in sorted(metrics.items())]

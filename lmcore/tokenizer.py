@@ -271,6 +271,22 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return hf
 
 
+def model_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved with any Hugging Face model directory (lmcycle's or one a user brings); a missing pad
+    token falls back to EOS (right padding is never attended)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as err:  # transformers raises many types for a broken or absent tokenizer
+        raise CheckpointError(f"{directory}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise CheckpointError(f"{directory}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 # --- identity ------------------------------------------------------------------------------------------------
 
 

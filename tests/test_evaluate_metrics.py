@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lmcore import evaluate as ev
+from lmcore import scoring as ev
 from lmcore.baselines import BigramLM, UnigramLM, fit_and_score
 
 

@@ -339,7 +339,7 @@ def test_a_registered_model_answers_under_its_registered_name_not_a_local_path(
 
     from lmcore.lifecycle.config import load_config
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import register_model
+    from lmcore.lifecycle.registry.register import register_model
 
     monkeypatch.setenv("LMCYCLE_CACHE", str(tmp_path / "cache"))
     root = copy_workspace(pretrained_workspace, tmp_path / "ws", project={"registered_model": "faults-served"})

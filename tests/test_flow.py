@@ -302,7 +302,8 @@ def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory,
 
     from lmcore.lifecycle.config import load_config
     from lmcore.lifecycle.paths import Paths
-    from lmcore.lifecycle.registry import RESCORERS, local_model_dir
+    from lmcore.lifecycle.registry.promotion import RESCORERS
+    from lmcore.lifecycle.registry.uris import local_model_dir
 
     name = "e2e-model"
     root = workspace_factory(project={"registered_model": name})

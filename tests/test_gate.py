@@ -17,9 +17,10 @@ import yaml
 from conftest import copy_workspace, deep_update, lmcycle
 
 from lmcore.lifecycle.config import load_config
-from lmcore.lifecycle.gate import apply_floor, quality_floor, settings_fingerprint
 from lmcore.lifecycle.paths import Paths
-from lmcore.lifecycle.registry import better, champion_history, gate_decision, register_model
+from lmcore.lifecycle.registry.aliases import champion_history
+from lmcore.lifecycle.registry.gate import apply_floor, better, gate_decision, quality_floor, settings_fingerprint
+from lmcore.lifecycle.registry.register import register_model
 
 HOW = "same eval data"
 
@@ -183,7 +184,7 @@ def evaluated_workspace(pretrained_workspace, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def client():
-    from lmcore.lifecycle.registry import client_for
+    from lmcore.lifecycle.registry.uris import client_for
 
     return client_for(".")
 
@@ -319,7 +320,8 @@ import sys, time
 from pathlib import Path
 from lmcore.lifecycle.config import load_config
 from lmcore.lifecycle.paths import Paths
-from lmcore.lifecycle.registry import _log_and_register, candidate, register_model
+from lmcore.lifecycle.registry.candidate import candidate
+from lmcore.lifecycle.registry.register import _log_and_register, register_model
 from lmcore.lifecycle.tracking import connect
 paths = Paths.of(sys.argv[1])
 config = load_config(paths.root / "params.yaml")

@@ -22,8 +22,8 @@ import yaml
 from conftest import REPO, TINY_PARAMS, lmcycle
 
 from lmcore.lifecycle import codedeps
+from lmcore.lifecycle.config import STAGES
 from lmcore.lifecycle.scaffold import CODE_STAGE, project_dvc_yaml
-from lmcore.lifecycle.stages import STAGES
 
 
 def git_env(tmp_path: Path, identity: bool) -> dict[str, str]:

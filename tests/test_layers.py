@@ -52,3 +52,24 @@ def test_only_the_dvc_adapter_imports_dvc() -> None:
     assert "lmcore.lifecycle.dvcadapter" in importers
     outside = sorted(m for m in importers if not m.startswith("lmcore.lifecycle.dvcadapter"))
     assert not outside, f"modules importing DVC outside lmcore.lifecycle.dvcadapter: {outside}"
+
+
+def _stage_modules(graph: grimp.ImportGraph) -> set[str]:
+    return set(graph.find_children("lmcore.lifecycle.stages"))
+
+
+def test_nothing_imports_a_stage_and_stages_import_no_other_stage() -> None:
+    """What the stage contracts state, computed here too: a stage module is imported by no module of lmcore or
+    flows (the dispatcher in flows.cli loads it by name), and no stage reaches another, directly or not."""
+    graph = grimp.build_graph("lmcore", "flows", include_external_packages=False)
+    stages = _stage_modules(graph)
+    assert {"lmcore.lifecycle.stages.evaluate", "lmcore.lifecycle.stages.finetune"} <= stages
+    importers = sorted(
+        (importer, stage)
+        for stage in stages
+        for importer in graph.find_modules_that_directly_import(stage)
+        if importer not in stages
+    )
+    assert not importers, f"modules importing a stage (share the code through the LM library): {importers}"
+    reached = sorted((a, b) for a in stages for b in stages if a != b and graph.chain_exists(a, b))
+    assert not reached, f"stages reaching another stage: {reached}"

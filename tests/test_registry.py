@@ -19,17 +19,11 @@ from conftest import copy_workspace, lmcycle
 
 from lmcore.lifecycle.config import load_config
 from lmcore.lifecycle.paths import Paths
-from lmcore.lifecycle.registry import (
-    RegistryError,
-    champion_history,
-    client_for,
-    local_model_dir,
-    promote,
-    register_model,
-    rescore_val_bpb,
-    resolve,
-    rollback,
-)
+from lmcore.lifecycle.registry.aliases import champion_history, promote, rollback
+from lmcore.lifecycle.registry.promotion import rescore_val_bpb
+from lmcore.lifecycle.registry.register import register_model
+from lmcore.lifecycle.registry.uris import RegistryError, client_for, local_model_dir, resolve
+from lmcore.lifecycle.workspace import dvc_lock_hash
 
 
 def reg_workspace(source: Path, dest: Path, name: str, val_bpb: float, lineage: str, **sections: dict) -> Paths:
@@ -88,7 +82,6 @@ def test_first_version_becomes_champion_and_reregistering_reuses_it(pretrained_w
     assert len(client.search_model_versions("name='reg-first'")) == 1
 
     tags = client.get_model_version("reg-first", "1").tags
-    from lmcore.lifecycle.workspace import dvc_lock_hash
 
     assert tags["lmcycle.dvc_lock_hash"] == dvc_lock_hash(paths.root)
     assert json.loads(tags["lmcycle.params"])["project"]["registered_model"] == "reg-first"
@@ -257,7 +250,7 @@ def test_the_champion_answers_chat_messages_through_mlflow(pretrained_workspace,
     assert 1 <= out[0]["usage"]["completion_tokens"] <= 6 + 1
 
     from lmcore.generate import load_model  # what `lmcycle generate --model models:/…` loads
-    from lmcore.lifecycle.registry import resolve_model_path
+    from lmcore.lifecycle.registry.uris import resolve_model_path
 
     transformer, tokenizer = load_model(resolve_model_path("models:/reg-chat@champion"))
     assert transformer.config.vocab_size >= len(tokenizer)

@@ -15,7 +15,8 @@ from conftest import copy_workspace, lmcycle
 
 from lmcore.lifecycle.config import load_config
 from lmcore.lifecycle.paths import Paths
-from lmcore.lifecycle.registry import client_for, register_model
+from lmcore.lifecycle.registry.register import register_model
+from lmcore.lifecycle.registry.uris import client_for
 from lmcore.lifecycle.weights import WeightsIntegrityError, verify_weights, weights_tags
 from lmcore.lifecycle.workspace import file_sha256
 
@@ -82,7 +83,7 @@ def restore(path: Path, original: bytes) -> None:
 
 def test_generate_uses_verified_weights_and_refuses_tampered_ones(pretrained_workspace, tmp_path):
     from lmcore.generate import load_model
-    from lmcore.lifecycle.registry import resolve_model_path
+    from lmcore.lifecycle.registry.uris import resolve_model_path
 
     paths = workspace(pretrained_workspace, tmp_path / "ws", "wi-generate", 2.5, "a")
     register_model(paths, load_config(paths.root / "params.yaml"))

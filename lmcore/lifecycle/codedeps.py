@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lmcore.errors import LmcycleError
 from lmcore.files import atomic_write_text
-from lmcore.lifecycle.stages import STAGES
+from lmcore.lifecycle.config import STAGES
 
 ROOT_PACKAGE = "lmcore"
 CODE_DIR = Path(".lmcycle") / "code"

@@ -43,6 +43,11 @@ class ProjectConfig(Section):
 # --- data (ingest) -------------------------------------------------------------------------------------------
 
 
+DATA_KINDS = ("pretrain", "sft", "classification")  # the source lists of `data`, one ingest output each
+# the stage modules of lmcore/lifecycle/stages/, in graph order (dvc.yaml has the same stages)
+STAGES = ["ingest", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate"]
+
+
 class DataConfig(Section):
     pretrain: list[SourceConfig] = Field(default_factory=list)
     sft: list[SourceConfig] = Field(default_factory=list)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle import codedeps
-from lmcore.lifecycle.stages import STAGES
+from lmcore.lifecycle.config import STAGES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 CODE_STAGE = "code"

@@ -14,8 +14,6 @@ exactly what could have been changed.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +21,6 @@ from lmcore.errors import LmcycleError
 from lmcore.lifecycle.workspace import file_sha256
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
 DIGEST_TAG = "lmcycle.weights_sha256"
@@ -89,29 +86,3 @@ def _mismatch(uri: str, name: str, expected: str, found: str, where: Path) -> We
         f"{uri}: {name} does not match the SHA-256 recorded on the version "
         f"(recorded {expected[:16]}…, found {found[:16]}… in {where})"
     )
-
-
-def download_verified(client: MlflowClient, uri: str, dst: Path) -> Path:
-    """Download a registered version's MLflow model (what `mlflow models serve` loads) into `dst`, only if its
-    weights are the ones recorded on the version. Serving `dst` then serves exactly the bytes checked; MLflow's
-    own loading (the stock transformers flavor) checks nothing."""
-    import mlflow
-
-    from lmcore.lifecycle.registry import resolve
-
-    version = resolve(client, uri)
-    dst = Path(dst)
-    if dst.exists():
-        raise WeightsIntegrityError(f"{dst}: already exists; name a new directory")
-    tmp = dst.with_name(f".{dst.name}.download")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        mlflow.set_tracking_uri(client.tracking_uri)
-        model = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(tmp)
-        )
-        verify_weights(version, Path(model) / "model")
-        os.replace(model, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst

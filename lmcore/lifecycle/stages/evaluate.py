@@ -16,6 +16,8 @@ answer or prediction) and samples.csv/json (the samples table).
   text, run offline on the exported HF models; its metrics are merged as `lm_eval.<model>.<metric>`.
 `*.data_fingerprint` keys hash the held-out text each number was computed on (not its tokens: bits-per-byte is
 tokenizer-independent), so a promotion gate can tell comparable numbers from incomparable ones.
+The sft and classification scorers are the LM library's (lmcore.heldout), the ones the gate re-scores a champion
+with; this module is the plumbing around them (which models, baselines, plots, tables, the report).
 """
 
 from __future__ import annotations
@@ -24,22 +26,19 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmcore.errors import CheckpointError, DataError
 from lmcore.lifecycle.config import Config
 from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 
-if TYPE_CHECKING:
-    import torch
-
 STAGE = "evaluate"
 OUTPUTS = ("pretrain_bpb.png", "finetune.png", "predictions.csv", "predictions.json", "samples.csv", "samples.json")
 
 
 def run(config: Config, paths: Paths) -> dict:
-    from lmcore.evaluate import write_report
+    from lmcore.scoring import write_report
     from lmcore.train.runtime import seed_everything, set_threads
 
     set_threads()  # repeatable matrix products (see set_threads)
@@ -60,7 +59,7 @@ def run(config: Config, paths: Paths) -> dict:
             metrics |= evaluate_sft(config, paths, models["finetune"], models.get("base"), out)
     rows = samples(config, models)
     if rows:
-        from lmcore.evaluate import write_table
+        from lmcore.scoring import write_table
 
         write_table(rows, out, "samples")
     if config.evaluate.lm_eval.enabled:
@@ -81,6 +80,11 @@ def run(config: Config, paths: Paths) -> dict:
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def progress(message: str) -> None:
+    """What the library's scorers report as they go, said as this stage."""
+    say(f"{STAGE}: {message}")
 
 
 def digest(data: bytes) -> str:
@@ -114,15 +118,6 @@ def is_classifier(directory: Path) -> bool:
     return any("SequenceClassification" in a for a in config.get("architectures") or [])
 
 
-def load_lm(directory: Path):
-    """(lmcore Transformer in eval mode, tokenizer) of an HF causal-LM directory."""
-    from lmcore.export import import_hf
-    from lmcore.lifecycle.stages.finetune import model_tokenizer
-
-    model, _ = import_hf(directory)
-    return model.eval(), model_tokenizer(directory)
-
-
 # --- pretrained model vs count baselines -----------------------------------------------------------------------
 
 
@@ -131,8 +126,9 @@ def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path) 
 
     from lmcore.baselines import BigramLM, UnigramLM, score_shards, shard_chunks
     from lmcore.data.shards import TokenShards
-    from lmcore.evaluate import plot_bars
+    from lmcore.heldout import load_lm
     from lmcore.metrics import bits_per_byte, evaluate_lm
+    from lmcore.scoring import plot_bars
     from lmcore.tokenizer import tokenizer_fingerprint
 
     model, _ = load_lm(model_dir)
@@ -172,8 +168,9 @@ def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path) 
 
 
 def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path | None, out: Path) -> dict[str, Any]:
-    from lmcore.evaluate import plot_bars, write_table
     from lmcore.finetune import sft
+    from lmcore.heldout import sft_scores
+    from lmcore.scoring import plot_bars, write_table
 
     path = paths.split_file("sft", "val")
     conversations = sft.load_conversations(path)[: config.evaluate.sft_max_examples]
@@ -182,7 +179,14 @@ def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path |
     for prefix, directory in (("sft", tuned_dir), ("base", base_dir)):
         if directory is None:
             continue
-        scores, rows = sft_scores(config, directory, conversations, prefix)
+        scores, rows = sft_scores(
+            directory,
+            conversations,
+            prefix,
+            batch_size=config.evaluate.batch_size,
+            max_new_tokens=config.evaluate.max_new_tokens,
+            log=progress,
+        )
         result |= {f"{prefix}.{'' if prefix == 'sft' else 'sft_'}{k}": v for k, v in scores.items()}
         table += rows
     bars = {"fine-tuned": result["sft.loss"]}
@@ -194,84 +198,22 @@ def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path |
     return result
 
 
-def sft_scores(
-    config: Config, directory: Path, conversations: list, name: str
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Assistant-token loss and perplexity, then exact match and token F1 of greedy answers (and the answers)."""
-    import math
-
-    from lmcore.evaluate import answer_metrics, exact_match, token_f1
-    from lmcore.finetune import sft
-
-    model, tokenizer = load_lm(directory)
-    render = sft.chat_renderer(tokenizer, str(directory))
-    context = model.config.context_length
-    examples = sft.build_examples(conversations, tokenizer, context, render=render)
-    nll, count = sft.assistant_nll(model, examples, tokenizer.pad_token_id, config.evaluate.batch_size)
-    loss = nll / max(1, count)
-    prompts, references, questions = [], [], []
-    for messages in conversations:
-        prompt, reference = sft.prompt_and_reference(messages)
-        prompts.append(render(prompt, True))
-        references.append(reference)
-        questions.append(next((m["content"] for m in reversed(prompt) if m["role"] == "user"), ""))
-    say(f"{STAGE}: {name}: greedy answers to {len(prompts)} held-out prompts")
-    cfg = config.evaluate
-    answers = complete(model, tokenizer, prompts, cfg.max_new_tokens, True, seed=0, batch_size=cfg.batch_size)
-    scores = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "assistant_tokens": count}
-    rows = [
-        {
-            "model": name,
-            "prompt": q,
-            "reference": r,
-            "answer": a,
-            "exact_match": exact_match(a, r),
-            "token_f1": token_f1(a, r),
-        }
-        for q, r, a in zip(questions, references, answers, strict=True)
-    ]
-    return scores | answer_metrics(answers, references), rows
-
-
 # --- classification ----------------------------------------------------------------------------------------------
 
 
 def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: Path) -> dict[str, Any]:
-    from lmcore.evaluate import classification_metrics, majority_baseline, plot_confusion_matrix, write_table
     from lmcore.finetune import classification as cls
-    from lmcore.lifecycle.stages.finetune import model_tokenizer
+    from lmcore.heldout import classifier_scores
+    from lmcore.scoring import plot_confusion_matrix, write_table
 
     cfg = config.finetune
     train_path, val_path = (paths.split_file("classification", s) for s in ("train", "val"))
     data = cls.load_classification(train_path, val_path, cfg.text_field, cfg.label_field)
-    model, labels = cls.import_hf_classifier(model_dir)
-    tokenizer = model_tokenizer(model_dir)
-    unknown = sorted({row.label for row in data.val} - set(labels))
-    if unknown:
-        raise DataError(f"{val_path}: label(s) {unknown} unknown to the classifier in {model_dir} (labels {labels})")
-    label2id = {label: i for i, label in enumerate(labels)}
-    rows, _ = cls.encode_texts([r.text for r in data.val], tokenizer, model.config.context_length)
-    say(f"{STAGE}: classifier on {len(rows)} held-out rows")
-    predicted = cls.predict(model, rows, tokenizer.pad_token_id, config.evaluate.batch_size)
-    actual = [label2id[r.label] for r in data.val]
-    scores = classification_metrics(actual, predicted, labels)
-    matrix = scores.pop("confusion_matrix")
-    majority = majority_baseline(actual, label2id[data.majority_label()], labels)
-    result = {f"classification.{k}": v for k, v in scores.items()}
-    result |= {
-        "classification.val_rows": len(rows),
-        "classification.majority_label": data.majority_label(),
-        "classification.majority_accuracy": majority["accuracy"],
-        "classification.majority_macro_f1": majority["macro_f1"],
-        "classification.beats_majority": int(scores["accuracy"] > majority["accuracy"]),
-        "classification.data_fingerprint": file_fingerprint(val_path),
-    }
-    plot_confusion_matrix(matrix, labels, out / "finetune.png", "held-out confusion matrix (rows: true label)")
-    rows = [
-        {"text": r.text, "actual": labels[a], "predicted": labels[p]}
-        for r, a, p in zip(data.val, actual, predicted, strict=True)
-    ]
-    write_table(rows, out, "predictions")
+    scored = classifier_scores(model_dir, data, val_path, config.evaluate.batch_size, log=progress)
+    result = scored.metrics | {"classification.data_fingerprint": file_fingerprint(val_path)}
+    title = "held-out confusion matrix (rows: true label)"
+    plot_confusion_matrix(scored.matrix, scored.labels, out / "finetune.png", title)
+    write_table(scored.rows, out, "predictions")
     return result
 
 
@@ -281,6 +223,7 @@ def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: 
 def samples(config: Config, models: dict[str, Path]) -> list[dict[str, Any]]:
     """Greedy and top-p continuations of `evaluate.prompts` by the base (or pretrained) and fine-tuned models."""
     from lmcore.finetune import sft
+    from lmcore.heldout import complete, load_lm
 
     cfg = config.evaluate
     rows: list[dict[str, Any]] = []
@@ -322,7 +265,7 @@ def classify_samples(config: Config, directory: Path) -> list[dict[str, Any]]:
     import torch
 
     from lmcore.finetune import classification as cls
-    from lmcore.lifecycle.stages.finetune import model_tokenizer
+    from lmcore.tokenizer import model_tokenizer
 
     model, labels = cls.import_hf_classifier(directory)
     tokenizer = model_tokenizer(directory)
@@ -338,45 +281,6 @@ def classify_samples(config: Config, directory: Path) -> list[dict[str, Any]]:
         }
         for p, q in zip(prompts, probs, strict=True)
     ]
-
-
-# --- generation ----------------------------------------------------------------------------------------------------
-
-
-def complete(
-    model: torch.nn.Module,
-    tokenizer,
-    texts: list[str],
-    max_new_tokens: int,
-    greedy: bool,
-    seed: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-) -> list[str]:
-    """Continuations of already-rendered texts (their special tokens included), stopping at EOS or end of turn.
-
-    lmcore's KV-cache sampler; prompts longer than the context allows keep their last tokens.
-    """
-    from lmcore.engine import SamplingConfig, generate
-    from lmcore.generate import stop_tokens
-
-    cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=0.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p,
-        seed=seed,
-        stop_token_ids=stop_tokens(tokenizer, chat=True),
-    )
-    from tqdm import tqdm
-
-    prompts = [tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
-    outputs: list[str] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty()):
-        for ids in generate(model, prompts[start : start + batch_size], cfg, tokenizer.pad_token_id):
-            outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return outputs
 
 
 # --- lm-evaluation-harness -----------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from lmcore.reporting import reporter
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerFast
 
     from lmcore.model import ModelConfig, Transformer
     from lmcore.train.distributed import DistEnv
@@ -74,6 +73,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     from lmcore.export import import_hf, init_weights_digest
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
+    from lmcore.tokenizer import model_tokenizer
     from lmcore.train.checkpoint import fingerprint
     from lmcore.train.loop import train
     from lmcore.train.runtime import seed_everything
@@ -184,21 +184,6 @@ def resolve_dir(paths: Paths, value: str, key: str) -> Path:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{key}: {value} is not a Hugging Face model directory (run the pretrain stage first?)")
     return directory
-
-
-def model_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    """The tokenizer saved with a model; a missing pad token falls back to EOS (right padding is never attended)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except Exception as err:  # transformers raises many types for a broken or absent tokenizer
-        raise CheckpointError(f"{directory}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise CheckpointError(f"{directory}: the tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def check_tokenizer(paths: Paths, expected: str | None, init_dir: Path) -> None:

@@ -47,13 +47,13 @@ from lmcore.data.sources import ResolvedSource, resolve
 from lmcore.data.split import NgramOverlap, content_digest, content_id, is_val
 from lmcore.diskspace import writing
 from lmcore.errors import ConfigError, DataError
-from lmcore.lifecycle.config import Config, DataConfig, SourceConfig, atomic_write_text
+from lmcore.lifecycle.config import DATA_KINDS, Config, DataConfig, SourceConfig, atomic_write_text
 from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pretrain", "sft", "classification")
+KINDS = DATA_KINDS
 SPLITS = ("train", "val")
 COUNTERS = (
     "duplicates_removed",

@@ -4,7 +4,7 @@ Reads data/ingest/pretrain/{train,val}.jsonl, models/tokenizer and params `token
 in a temporary directory, then renamed) and reports/tokenize.json. Each document becomes `<|bos|> text <|eos|>`.
 Batches of up to `tokenize.batch_size` documents (and 128 KiB of text per thread) are encoded by the Rust
 tokenizer's thread pool (`tokenize.num_workers` threads, 0 = all cores), two batches in flight so reading overlaps
-encoding, and are streamed to disk: memory does not grow with the corpus.
+encoding, and are streamed to disk: memory does not grow with the corpus (lmcore.data.encode).
 Imports numpy and tokenizers only (no torch, no transformers) so the command starts fast.
 """
 
@@ -12,33 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
-from lmcore.data.shards import ShardWriter, token_dtype
+from lmcore.data.encode import encode_split
 from lmcore.errors import DataError
 from lmcore.lifecycle.config import Config, TokenizeConfig, atomic_write_text
 from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
-from lmcore.tokenizer import (
-    atomic_directory,
-    batch_bytes,
-    document_batches,
-    encode_documents,
-    iter_texts,
-    read_tokenizer,
-    tokenizer_fingerprint,
-    use_threads,
-)
+from lmcore.tokenizer import atomic_directory, read_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -47,35 +32,17 @@ SPLITS = ("train", "val")
 def tokenize_split(
     tok: Tokenizer, jsonl: Path, out_dir: Path, fingerprint: str, cfg: TokenizeConfig, **index_extra: Any
 ) -> dict[str, Any]:
-    """Encode one jsonl split into shards in `out_dir`; returns the split's index."""
-    max_bytes = batch_bytes(use_threads(cfg.num_workers))
-    vocab_size = tok.get_vocab_size()
-    writer = ShardWriter(out_dir, fingerprint, vocab_size, cfg.shard_tokens)
-    texts = tqdm(iter_texts(jsonl), desc=f"tokenize {out_dir.name}", unit=" docs", disable=not sys.stderr.isatty())
-    batches = document_batches(texts, cfg.batch_size, max_bytes)
-    for tokens, lengths, utf8_bytes in encode_ahead(tok, batches, token_dtype(vocab_size)):
-        writer.add(tokens, lengths, utf8_bytes=utf8_bytes)
-    return writer.close(**index_extra)
-
-
-def encode_ahead(
-    tok: Tokenizer, batches: Iterable[tuple[list[str], int]], dtype: np.dtype, in_flight: int = 2
-) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Encoded batches in their original order, with `in_flight` batches encoding at once.
-
-    The Rust encoder releases the GIL, so while one batch encodes the next is read and parsed, and the thread
-    pool never idles at the ragged end of a batch. Memory: `in_flight` batches.
-    """
-    with ThreadPoolExecutor(in_flight) as pool:
-        pending: deque[tuple[Future, int]] = deque()
-        for batch, utf8_bytes in batches:
-            pending.append((pool.submit(encode_documents, tok, batch, dtype), utf8_bytes))
-            if len(pending) == in_flight:
-                future, size = pending.popleft()
-                yield *future.result(), size
-        while pending:
-            future, size = pending.popleft()
-            yield *future.result(), size
+    """Encode one jsonl split into shards in `out_dir` with the `tokenize` params; returns the split's index."""
+    return encode_split(
+        tok,
+        jsonl,
+        out_dir,
+        fingerprint,
+        num_workers=cfg.num_workers,
+        batch_size=cfg.batch_size,
+        shard_tokens=cfg.shard_tokens,
+        **index_extra,
+    )
 
 
 def run(config: Config, paths: Paths) -> dict:

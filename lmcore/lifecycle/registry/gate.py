@@ -1,7 +1,10 @@
-"""The promotion gate's guards around lmcore.lifecycle.registry's decision: the quality floor, what the gate metric was
-computed on, the reuse key of a decision, and a lease that serialises concurrent gates.
+"""The promotion gate's rules, pure functions of numbers and params: does a challenger beat the champion, the
+quality floor, what a gate metric was computed on, and the reuse key of a decision.
 
 Design choices:
+- Decision: one metric, a direction and a minimum improvement; `champion` moves only on a strict improvement
+  (`better`), and `gate_decision` says why in one line. Pure, so every boundary is unit-tested and `make mutate`
+  runs its mutants against those tests.
 - Quality floor: a version that does not beat its trivial baseline (the count-based bigram for a pretrained
   language model, the majority class for a classifier, the base model for a fine-tune; all in
   reports/evaluate.json) never takes the champion alias, whatever the champion scores. Without a baseline in the
@@ -9,31 +12,16 @@ Design choices:
 - Eval fingerprint: the report's data fingerprint of the metric's section, joined with every setting that changes
   that section's numbers (`evaluate.sft_max_examples`, `evaluate.max_new_tokens`, lm-eval's `limit`), so two
   versions are compared on recorded values only when both numbers came from the same data the same way.
-- Concurrency: the registry has no transaction, so the read–compare–set of the champion runs under a lease held
-  in a registered-model tag (`lmcycle.gate_lease` = owner and expiry): write it, wait, re-read; only the owner
-  still named after the wait goes on. It works through any MLflow server, since it only uses tags.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import random
-import time
-import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from lmcore.errors import LmcycleError
-
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from lmcore.lifecycle.config import Config
-
-LEASE_TAG = "lmcycle.gate_lease"
 
 # What changes each section's numbers besides its data: the evaluate settings that section reads.
 SECTION_SETTINGS = {
@@ -43,8 +31,36 @@ SECTION_SETTINGS = {
 }
 
 
-class GateBusyError(LmcycleError):
-    """Another registration held the gate's lease for longer than this one would wait."""
+# --- the decision -----------------------------------------------------------------------------------------
+
+
+def better(challenger: float, champion: float, direction: str, min_improvement: float) -> bool:
+    if direction == "minimize":
+        return challenger < champion - min_improvement
+    return challenger > champion + min_improvement
+
+
+def gate_decision(
+    metric: str,
+    value: float,
+    direction: str,
+    min_improvement: float,
+    champion_version: str | None,
+    champion_value: float | None,
+    how: str,
+) -> tuple[str, str]:
+    """(decision, reason) of the gate for a challenger scoring `value` against the champion's score on the same
+    data (None when it could not be scored, `how` then says why): pure, so every boundary is unit-tested."""
+    if champion_version is None:
+        return "first", "no champion yet: the first version becomes champion"
+    if champion_value is None:
+        return "rejected", how
+    if better(value, champion_value, direction, min_improvement):
+        return "promoted", f"{metric} {value:.6g} beats champion v{champion_version} {champion_value:.6g} ({how})"
+    return "rejected", (
+        f"{metric} {value:.6g} does not beat champion v{champion_version} {champion_value:.6g} "
+        f"by more than {min_improvement:g} ({direction}; {how})"
+    )
 
 
 # --- the quality floor -------------------------------------------------------------------------------------
@@ -107,56 +123,6 @@ def gate_params_hash(config: Config) -> str:
     """What a recorded decision depends on besides the model: the register.* params."""
     text = json.dumps(config.register.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# --- the lease ---------------------------------------------------------------------------------------------
-
-
-def _read_lease(client: MlflowClient, name: str) -> tuple[str, float] | None:
-    text = client.get_registered_model(name).tags.get(LEASE_TAG, "")
-    owner, _, expiry = text.partition("@")
-    try:
-        return (owner, float(expiry)) if owner else None
-    except ValueError:
-        return None
-
-
-def _write_lease(client: MlflowClient, name: str, value: str) -> bool:
-    """Write the lease tag; False when a concurrent writer won (a store may refuse two inserts of one tag)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.set_registered_model_tag(name, LEASE_TAG, value)
-    except MlflowException:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def gate_lease(
-    client: MlflowClient, name: str, ttl_s: float = 120.0, settle_s: float = 0.5, wait_s: float = 300.0
-) -> Iterator[str]:
-    """Hold the registered model's gate lease: write owner@expiry, wait `settle_s`, re-read; a writer that raced
-    with us is seen then and one of us backs off (with jitter). An expired lease (a killed holder) is taken over."""
-    owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    deadline = time.monotonic() + wait_s
-    while True:
-        lease = _read_lease(client, name)
-        if (lease is None or lease[1] < time.time()) and _write_lease(client, name, f"{owner}@{time.time() + ttl_s}"):
-            time.sleep(settle_s)
-            lease = _read_lease(client, name)
-            if lease is not None and lease[0] == owner:
-                break
-        if time.monotonic() > deadline:
-            raise GateBusyError(f"models:/{name}: the promotion gate is held by another registration ({LEASE_TAG})")
-        time.sleep(settle_s * (1 + 2 * random.random()))
-    try:
-        yield owner
-    finally:
-        with contextlib.suppress(Exception):
-            lease = _read_lease(client, name)
-            if lease is not None and lease[0] == owner:
-                client.delete_registered_model_tag(name, LEASE_TAG)
 
 
 def gate_record(decision: str, reason: str, value: float, champion: Any, champion_value: float | None) -> dict:
