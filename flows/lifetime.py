@@ -75,6 +75,10 @@ class _PopenDyingWithParent:
 
     @staticmethod
     def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (the name Prefect calls)
+        # Its own session: Ctrl-C in a terminal signals the whole foreground process group, and a server stopped
+        # with the flow left the flow's last calls (the run's summary) retrying against nothing for minutes. It
+        # still dies with the flow (the parent-death signal), and Prefect stops it at exit as ever.
+        kwargs.setdefault("start_new_session", True)
         return subprocess.Popen(*args, preexec_fn=die_with_parent(signal.SIGTERM), **kwargs)
 
 

@@ -418,3 +418,43 @@ def test_a_malformed_spool_line_loses_no_later_event_and_never_fails_a_finished_
     assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "toy.loss")] == [(1, 1.0), (3, 0.25)]
     assert capfd.readouterr().err.count("skipped a malformed line") == 2
+
+
+# --- E: Ctrl-C in a terminal ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_the_run_and_its_last_calls_still_reach_the_ephemeral_server(long_pretrain: Path):
+    """A terminal's Ctrl-C signals the whole foreground process group. The ephemeral Prefect server lives in a
+    session of its own, so it outlives the signal long enough for the flow's last calls (its summary artifact);
+    once stopped there, it left the run retrying against a dead server for minutes."""
+    log = (long_pretrain / "run.log").open("wb")
+    proc = subprocess.Popen(
+        ["lmcycle", "run", "--until", "pretrain"],
+        cwd=long_pretrain,
+        env=_run_env(LMCYCLE_WARM_STAGES="1"),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,  # a process group of its own, as a shell gives a foreground job
+    )
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not _checkpoints(long_pretrain):
+            assert proc.poll() is None and time.monotonic() < deadline, (long_pretrain / "run.log").read_text()[-3000:]
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert proc.wait(timeout=120) != 0
+        output = (long_pretrain / "run.log").read_text(errors="replace")
+        assert "Unable to connect" not in output, output[-3000:]
+        assert "Finished in state Crashed" in output, output[-3000:]  # the flow run's state reached the server
+        left = survivors(list(seen.values()))
+        assert not left, f"outlived `lmcycle run`:\n{_describe(left)}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _kill_all(list(seen.values()))
+        log.close()
