@@ -96,7 +96,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     model.to(env.device)
 
     inputs = {
-        "init_from": init_weights_digest(init_dir),  # one file or every shard
+        "init_from": init_weights_digest(init_dir)[:16],  # one file or every shard
         "init_config": file_digest(init_dir / "config.json"),
         **{f"data_{split}": file_digest(paths.split_file(cfg.task, split)) for split in ("train", "val")},
     }
