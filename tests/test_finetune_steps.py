@@ -93,12 +93,14 @@ def test_balanced_weights_match_the_formula_and_change_the_loss() -> None:
     assert abs(weighted.item() - plain.item()) > 1e-3
 
 
-def test_auto_steps_and_balanced_weights_in_the_stage(workspace_factory, tiny_hf_dir: Path, capsys) -> None:
+def test_auto_steps_and_balanced_weights_in_the_stage(
+    workspace_factory, tiny_hf_dir: Path, tmp_path: Path, capsys
+) -> None:
     """A real fine-tune: one epoch of an imbalanced training split, recorded, and an exact resume."""
     from lmcore.lifecycle.stages.finetune import run
 
     finetune = {"task": "classification", "steps": "auto", "init_from": str(tiny_hf_dir), "tokenizer": None}
-    finetune |= {"class_weights": "balanced", "eval_every": 100, "checkpoint_every": 100, "warmup_steps": 1}
+    finetune |= {"class_weights": "balanced", "eval_every": 100, "checkpoint_every": 100, "log_every": 1}
     root = workspace_factory(dvc=False, finetune=finetune)
     rows = conftest.testament_rows(24)
     old, new = [r for r in rows if r["label"] == "old"], [r for r in rows if r["label"] == "new"]
@@ -120,6 +122,16 @@ def test_auto_steps_and_balanced_weights_in_the_stage(workspace_factory, tiny_hf
 
     again = run(config, Paths.of(root))  # the same resolved number: the fingerprint matches, nothing retrains
     assert again["resumed_from_step"] == 6 and again["steps"] == 6
+
+    # the same run without weights (today's loss) trains differently (a batch of one class weighs the same either
+    # way: torch's weighted mean divides by the summed weights)
+    plain = tmp_path / "plain"
+    shutil.copytree(root, plain, ignore=shutil.ignore_patterns("checkpoints", "models", "reports"))
+    none = config.model_copy(update={"finetune": config.finetune.model_copy(update={"class_weights": "none"})})
+    assert run(none, Paths.of(plain))["steps"] == 6
+    assert "class_weights" not in json.loads((plain / "reports" / "finetune.json").read_text())["data"]
+    curves = [(ws / "reports" / "finetune" / "train.csv").read_text().splitlines() for ws in (root, plain)]
+    assert len(curves[0]) == len(curves[1]) == 7 and curves[0] != curves[1]
 
 
 # --- the evaluate verdict -------------------------------------------------------------------------------------------
