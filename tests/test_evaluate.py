@@ -116,6 +116,7 @@ def test_classifier_beats_majority_and_transformers_predicts_the_same(classifica
     assert report["classification.accuracy"] > report["classification.majority_accuracy"] + 0.1
     assert report["classification.beats_majority"] == 1
     assert report["classification.macro_f1"] > report["classification.majority_macro_f1"]
+    assert report["classification.verdict"].startswith("beats the majority-class baseline (accuracy ")
     for label in ("old", "new"):
         assert 0 < report[f"classification.precision.{label}"] <= 1
         assert 0 < report[f"classification.recall.{label}"] <= 1

@@ -142,8 +142,15 @@ class Classifier(nn.Module):
         return self.score(pooled).float()
 
 
-def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+def classification_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the batch; `weight` (one per class, e.g. balanced class weights) weighs each row by
+    its target's class and normalises by the summed weights, as torch does."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    if weight is not None:
+        weight = weight.to(device=logits.device, dtype=logits.dtype)
+    return nn.functional.cross_entropy(logits, batch["labels"], weight=weight)
 
 
 def predict(model: torch.nn.Module, rows: list[list[int]], pad_id: int, batch_size: int) -> list[int]:

@@ -109,11 +109,35 @@ class FinetuneConfig(TrainConfig):
     text_field: str = "text"
     label_field: str = "label"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    steps: int = Field(200, ge=1)
+    steps: int | Literal["auto"] = Field(
+        "auto", description="optimizer steps; auto = one epoch of the training split, at most max_auto_steps"
+    )
+    epochs: float | None = Field(
+        None, gt=0.0, description="steps = ceil(epochs × rows / rows per step); needs steps: auto"
+    )
+    max_auto_steps: int = Field(2000, ge=1, description="the cap on steps: auto")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="classification: balanced = weigh each class by n_rows / (n_classes × its rows)"
+    )
     lr: float = Field(5e-4, gt=0.0)
     warmup_steps: int = Field(20, ge=0)
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_setting(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or a whole number ≥ 1, got {value!r}")
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_or_steps(cls, value: float | None, info: Any) -> float | None:
+        steps = info.data.get("steps")
+        if value is not None and steps not in (None, "auto"):
+            raise ValueError(f"give finetune.epochs or finetune.steps, not both (steps is {steps}; set it to auto)")
+        return value
 
 
 # --- evaluate / register / flow ------------------------------------------------------------------------------

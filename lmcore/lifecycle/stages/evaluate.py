@@ -74,6 +74,7 @@ def run(config: Config, paths: Paths) -> dict:
         rep.log_artifact(png, "plots")
     keys = ("pretrain.val_bpb", "pretrain.bigram_bpb", "pretrain.verdict", "sft.loss", "base.sft_loss")
     keys += ("sft.exact_match", "sft.token_f1", "classification.accuracy", "classification.majority_accuracy")
+    keys += ("classification.verdict",)
     summary = {k: metrics[k] for k in keys if k in metrics}
     return summary | {"report": str(paths.report(STAGE)), "samples": len(rows)}
 
@@ -211,10 +212,27 @@ def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: 
     data = cls.load_classification(train_path, val_path, cfg.text_field, cfg.label_field)
     scored = classifier_scores(model_dir, data, val_path, config.evaluate.batch_size, log=progress)
     result = scored.metrics | {"classification.data_fingerprint": file_fingerprint(val_path)}
+    result["classification.verdict"] = classifier_verdict(result)
+    say(f"{STAGE}: classification {result['classification.verdict']}")
     title = "held-out confusion matrix (rows: true label)"
     plot_confusion_matrix(scored.matrix, scored.labels, out / "finetune.png", title)
     write_table(scored.rows, out, "predictions")
     return result
+
+
+def classifier_verdict(metrics: dict[str, Any]) -> str:
+    """One line: does the classifier beat always answering the majority class, on accuracy or macro-F1?
+
+    Either counts: class weighting may trade a little accuracy for a much better macro-F1 on imbalanced labels."""
+    acc, f1 = metrics["classification.accuracy"], metrics["classification.macro_f1"]
+    base_acc, base_f1 = metrics["classification.majority_accuracy"], metrics["classification.majority_macro_f1"]
+    figures = f"accuracy {acc:.3f} vs {base_acc:.3f}, macro-F1 {f1:.3f} vs {base_f1:.3f}"
+    if acc > base_acc or f1 > base_f1:
+        return f"beats the majority-class baseline ({figures})"
+    return (
+        f"does not beat the majority class ({metrics['classification.majority_label']!r} for every row): {figures} "
+        "(raise finetune.steps or set it to auto, or try finetune.class_weights: balanced)"
+    )
 
 
 # --- samples -------------------------------------------------------------------------------------------------------

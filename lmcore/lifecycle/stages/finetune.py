@@ -16,6 +16,7 @@ train instead of the full weights and are merged back before export, so the expo
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -34,6 +35,7 @@ from lmcore.reporting import reporter
 if TYPE_CHECKING:
     import torch
 
+    from lmcore.lifecycle.config import FinetuneConfig
     from lmcore.model import ModelConfig, Transformer
     from lmcore.train.distributed import DistEnv
 
@@ -73,6 +75,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     from lmcore.export import import_hf, init_weights_digest
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
+    from lmcore.finetune.schedule import resolve_steps
     from lmcore.tokenizer import model_tokenizer
     from lmcore.train.checkpoint import fingerprint
     from lmcore.train.loop import train
@@ -91,6 +94,9 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     max_length = min(cfg.max_length, mcfg.context_length)
     prepare = prepare_sft if cfg.task == "sft" else prepare_classification
     task = prepare(config, paths, base, tokenizer, max_length, init_dir)
+    plan = resolve_steps(cfg.steps, cfg.epochs, len(task.rows), cfg.batch_size * cfg.grad_accum, cfg.max_auto_steps)
+    cfg = cfg.model_copy(update={"steps": plan.steps})  # one number from here on: loop, schedule, fingerprint, records
+    config = config.model_copy(update={"finetune": cfg})
     model = lora.apply_lora(task.model, cfg.lora, task.trainable) if cfg.lora.r > 0 else task.model
     trainable, total = lora.count_parameters(model)
     model.to(env.device)
@@ -101,12 +107,14 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         **{f"data_{split}": file_digest(paths.split_file(cfg.task, split)) for split in ("train", "val")},
     }
     params = {
-        "finetune": {k: v for k, v in cfg.model_dump().items() if k not in BOOKKEEPING_KEYS},
+        "finetune": {k: v for k, v in recorded(cfg).items() if k not in BOOKKEEPING_KEYS},
         "max_length": max_length,
         "seed": seed,
     }
     fp = fingerprint({"params": params, "inputs": inputs})
     if env.is_main:
+        if plan.line():
+            say(f"{STAGE}: {plan.line()}")
         adapters = f"LoRA r={cfg.lora.r}" if cfg.lora.r else "full fine-tuning"
         say(
             f"{STAGE}: task {cfg.task} from {cfg.init_from}, {len(task.rows)} training rows, {cfg.steps} steps, "
@@ -153,6 +161,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         "lora_r": cfg.lora.r,
         "max_length": max_length,
         "data": task.data,
+        **plan.record(),
     }
     report = rounded(report)
     write_reports(paths, report, result.history, task.val_columns)
@@ -173,6 +182,16 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def recorded(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The params a checkpoint fingerprint and the model card keep: `steps` already resolved, so `epochs` and
+    `max_auto_steps` (how it was chosen) add nothing, and `class_weights` only when it changes the loss; a
+    checkpoint made before these keys existed still resumes."""
+    params = cfg.model_dump(exclude={"epochs", "max_auto_steps"})
+    if params["class_weights"] == "none":
+        del params["class_weights"]
+    return params
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -267,6 +286,7 @@ def prepare_classification(
     import torch
 
     from lmcore.finetune import classification as cls
+    from lmcore.finetune.schedule import balanced_class_weights
 
     cfg = config.finetune
     data = cls.load_classification(
@@ -279,6 +299,9 @@ def prepare_classification(
     train_ids, train_cut = cls.encode_texts([r.text for r in data.train], tokenizer, max_length)
     val_ids, val_cut = cls.encode_texts([r.text for r in data.val], tokenizer, max_length)
     rows = [(ids, label2id[r.label]) for ids, r in zip(train_ids, data.train, strict=True)]
+    weights = None
+    if cfg.class_weights == "balanced":
+        weights = balanced_class_weights([label for _, label in rows], len(data.labels))
     val_rows = val_ids[: cfg.eval_max_batches * cfg.batch_size] if cfg.eval_max_batches else val_ids
     val_labels = torch.tensor([label2id[r.label] for r in data.val][: len(val_rows)])
     pad_id = tokenizer.pad_token_id
@@ -303,11 +326,15 @@ def prepare_classification(
         "truncated": {"train": train_cut, "val": val_cut},
         "majority_label": data.majority_label(),
     }
+    loss_fn = cls.classification_loss
+    if weights is not None:
+        report["class_weights"] = dict(zip(data.labels, weights, strict=True))
+        loss_fn = functools.partial(cls.classification_loss, weight=torch.tensor(weights))
     return Task(
         model=cls.Classifier(base, len(data.labels)),
         rows=rows,
         collate=collate,
-        loss_fn=cls.classification_loss,
+        loss_fn=loss_fn,
         evaluate_fn=evaluate_fn,
         data=report,
         trainable=("score",),
@@ -383,9 +410,7 @@ def write_models(
             for split in ("train", "val")
         ],
         "params": {
-            k: v
-            for k, v in cfg.model_dump().items()
-            if v is not None and not isinstance(v, dict) and k not in LAUNCH_KEYS
+            k: v for k, v in recorded(cfg).items() if v is not None and not isinstance(v, dict) and k not in LAUNCH_KEYS
         }
         | {"project.seed": config.project.seed},
         "metrics": {k: v for k, v in report.items() if k.startswith(("val_", "train_"))},
