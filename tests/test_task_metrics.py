@@ -221,3 +221,16 @@ def test_evaluate_stage_writes_the_chosen_metrics(rouge_chrf_evaluated: Path):
     assert report["sft.rougeL"] == pytest.approx(sum(r["rougeL"] for r in tuned) / 8, abs=1e-6)
     chrf = sacrebleu.corpus_chrf([r["answer"] for r in tuned], [[r["reference"] for r in tuned]]).score
     assert report["sft.chrf"] == pytest.approx(chrf, abs=1e-6)
+
+
+def test_the_gate_rescores_a_chosen_metric_as_the_report_has_it(rouge_chrf_evaluated: Path):
+    """A champion scored on other data is re-scored by the gate with the workspace's `evaluate.sft_metrics`."""
+    from lmcore.lifecycle.paths import Paths
+    from lmcore.lifecycle.registry.promotion import RESCORERS
+
+    report = json.loads((rouge_chrf_evaluated / "reports/evaluate.json").read_text())
+    config = load_config(rouge_chrf_evaluated / "params.yaml")
+    paths = Paths.of(rouge_chrf_evaluated)
+    for metric in ("sft.rougeL", "sft.chrf"):
+        value = RESCORERS["sft"](metric, paths.finetune / "hf", paths, config)
+        assert value == pytest.approx(report[metric], abs=1e-6)
