@@ -1,6 +1,6 @@
 """Score a Hugging Face model directory on held-out data: bits-per-byte of a text, assistant-token loss and
-greedy-answer metrics on conversations, classifier metrics on labelled rows, and the model + tokenizer loader and
-sampler they share.
+greedy-answer metrics on conversations (lmcore.taskmetrics, chosen by name), classifier metrics on labelled rows,
+and the model + tokenizer loader and sampler they share.
 
 The evaluate stage writes these numbers into reports/evaluate.json and the promotion gate re-scores a champion with
 the same functions, so a champion and a challenger are compared by one definition of each metric. Every function
@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import DataError
+from lmcore.options import DEFAULT_SFT_METRICS
 
 if TYPE_CHECKING:
     import torch
@@ -83,11 +84,19 @@ def text_bpb(
 
 
 def sft_scores(
-    directory: Path, conversations: list, name: str, *, batch_size: int, max_new_tokens: int, log: Log = _quiet
+    directory: Path,
+    conversations: list,
+    name: str,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    metrics: Sequence[str] = DEFAULT_SFT_METRICS,
+    log: Log = _quiet,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Assistant-token loss and perplexity, then exact match and token F1 of greedy answers (and the answers)."""
+    """Assistant-token loss and perplexity, then the chosen answer `metrics` (lmcore.taskmetrics) of greedy answers,
+    and one row per answer with its per-example values."""
     from lmcore.finetune import sft
-    from lmcore.scoring import answer_metrics, exact_match, token_f1
+    from lmcore.taskmetrics import corpus_scores, example_scores
 
     model, tokenizer = load_lm(directory)
     render = sft.chat_renderer(tokenizer, str(directory))
@@ -104,18 +113,12 @@ def sft_scores(
     log(f"{name}: greedy answers to {len(prompts)} held-out prompts")
     answers = complete(model, tokenizer, prompts, max_new_tokens, True, seed=0, batch_size=batch_size)
     scores = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "assistant_tokens": count}
+    per_example = example_scores(answers, references, metrics)
     rows = [
-        {
-            "model": name,
-            "prompt": q,
-            "reference": r,
-            "answer": a,
-            "exact_match": exact_match(a, r),
-            "token_f1": token_f1(a, r),
-        }
-        for q, r, a in zip(questions, references, answers, strict=True)
+        {"model": name, "prompt": q, "reference": r, "answer": a} | values
+        for q, r, a, values in zip(questions, references, answers, per_example, strict=True)
     ]
-    return scores | answer_metrics(answers, references), rows
+    return scores | corpus_scores(answers, references, metrics, per_example), rows
 
 
 # --- classification ------------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # pretrain/finetune keys that say how many processes run, not what they compute (see lmcore/train/launch.py)
 LAUNCH_KEYS = frozenset({"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"})
+# Held-out answer metrics of a chat fine-tune (lmcore/taskmetrics.py): QA, summarization, translation.
+SFT_METRICS = ("exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "bleu", "chrf")
+DEFAULT_SFT_METRICS = ("exact_match", "token_f1")
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 

@@ -88,6 +88,19 @@ def test_sft_lowers_heldout_assistant_loss_against_the_base_model(sft_evaluated)
     assert (sft_evaluated / "reports/evaluate/finetune.png").is_file()
 
 
+def test_default_sft_metrics_keep_the_reports_keys(sft_evaluated):
+    """No `evaluate.sft_metrics` in params: the SFT sections hold exactly the keys they had before metrics could be
+    chosen, and the predictions table exactly its columns."""
+    report = read_report(sft_evaluated)
+    answers = {"assistant_tokens", "exact_match", "loss", "perplexity", "token_f1"}
+    assert {k for k in report if k.startswith("sft.")} == {
+        f"sft.{k}" for k in answers | {"data_fingerprint", "examples", "loss_gain"}
+    }
+    assert {k for k in report if k.startswith("base.")} == {f"base.sft_{k}" for k in answers}
+    columns = ["model", "prompt", "reference", "answer", "exact_match", "token_f1"]
+    assert all(list(row) == columns for row in table(sft_evaluated, "predictions"))
+
+
 def test_samples_table_has_greedy_and_top_p_from_base_and_finetuned(sft_evaluated):
     rows = table(sft_evaluated, "samples")
     combos = {(r["model"], r["mode"], r["prompt"]) for r in rows}

@@ -18,7 +18,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from lmcore.errors import ConfigError
 from lmcore.files import atomic_write_text
 from lmcore.options import (  # noqa: F401  (the params schema's sections, one import for the lifecycle layer)
+    DEFAULT_SFT_METRICS,
     LAUNCH_KEYS,
+    SFT_METRICS,
     SPECIAL_TOKENS,
     LoraConfig,
     Section,
@@ -154,8 +156,23 @@ class EvaluateConfig(Section):
     temperature: float = Field(0.8, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     sft_max_examples: int = Field(100, ge=1)
+    sft_metrics: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SFT_METRICS),
+        description="answer metrics of the held-out greedy answers (sft.<name>, base.sft_<name>): exact_match, "
+        "token_f1 (QA), rouge1, rouge2, rougeL (summarization), bleu, chrf (translation)",
+    )
     batch_size: int = Field(16, ge=1)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+
+    @field_validator("sft_metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in SFT_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SFT_METRICS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a metric is listed twice: {names}")
+        return names
 
 
 class RegisterConfig(Section):

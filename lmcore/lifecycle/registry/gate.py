@@ -10,7 +10,8 @@ Design choices:
   reports/evaluate.json) never takes the champion alias, whatever the champion scores. Without a baseline in the
   report (no evaluate stage yet) there is nothing to hold it to, and the reason says so.
 - Eval fingerprint: the report's data fingerprint of the metric's section, joined with every setting that changes
-  that section's numbers (`evaluate.sft_max_examples`, `evaluate.max_new_tokens`, lm-eval's `limit`), so two
+  that section's numbers (`evaluate.sft_max_examples`, `evaluate.max_new_tokens`, `evaluate.sft_metrics`,
+  lm-eval's `limit`), so two
   versions are compared on recorded values only when both numbers came from the same data the same way.
 """
 
@@ -23,10 +24,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lmcore.lifecycle.config import Config
 
+
 # What changes each section's numbers besides its data: the evaluate settings that section reads.
+def _sft_settings(config: Config) -> dict[str, Any]:
+    cfg = config.evaluate
+    return {
+        "sft_max_examples": cfg.sft_max_examples,
+        "max_new_tokens": cfg.max_new_tokens,
+        "sft_metrics": sorted(cfg.sft_metrics),
+    }
+
+
 SECTION_SETTINGS = {
-    "sft": lambda c: {"sft_max_examples": c.evaluate.sft_max_examples, "max_new_tokens": c.evaluate.max_new_tokens},
-    "base": lambda c: {"sft_max_examples": c.evaluate.sft_max_examples, "max_new_tokens": c.evaluate.max_new_tokens},
+    "sft": _sft_settings,
+    "base": _sft_settings,
     "lm_eval": lambda c: {"limit": c.evaluate.lm_eval.limit},
 }
 

@@ -113,7 +113,12 @@ def _rescore_sft(metric: str, model_dir: Path, paths: Paths, config: Config) -> 
     cfg = config.evaluate
     conversations = sft.load_conversations(paths.split_file("sft", "val"))[: cfg.sft_max_examples]
     scores, _ = sft_scores(
-        model_dir, conversations, "sft", batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+        model_dir,
+        conversations,
+        "sft",
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        metrics=cfg.sft_metrics,
     )
     return scores.get(metric.split(".", 1)[1])
 

@@ -9,8 +9,10 @@ answer or prediction) and samples.csv/json (the samples table).
 - pretrain: loss, perplexity and bits-per-byte (lmcore.metrics, the one definition) on the val token split,
   beside count-based unigram and bigram models fitted on the train split and scored on the same targets; a
   model that does not beat the bigram is called undertrained in `pretrain.verdict`.
-- sft: assistant-token loss/perplexity and exact match / token F1 of greedy answers on held-out conversations,
-  for the fine-tuned model (`sft.*`) and the base model (`base.*`) on the same prompts.
+- sft: assistant-token loss/perplexity and the answer metrics of `evaluate.sft_metrics` (exact match / token F1
+  by default; ROUGE, BLEU, chrF: lmcore.taskmetrics) of greedy answers on held-out conversations, for the
+  fine-tuned model (`sft.*`) and the base model (`base.*`) on the same prompts; per-example values go into
+  predictions.csv/json (BLEU and chrF are corpus-level only).
 - classification: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, majority-class baseline.
 - lm-evaluation-harness (`evaluate.lm_eval.enabled`): a rolling-loglikelihood task over the held-out pretraining
   text, run offline on the exported HF models; its metrics are merged as `lm_eval.<model>.<metric>`.
@@ -73,8 +75,8 @@ def run(config: Config, paths: Paths) -> dict:
     for png in sorted(out.glob("*.png")):
         rep.log_artifact(png, "plots")
     keys = ("pretrain.val_bpb", "pretrain.bigram_bpb", "pretrain.verdict", "sft.loss", "base.sft_loss")
-    keys += ("sft.exact_match", "sft.token_f1", "classification.accuracy", "classification.majority_accuracy")
-    keys += ("classification.verdict",)
+    keys += tuple(f"sft.{name}" for name in config.evaluate.sft_metrics)
+    keys += ("classification.accuracy", "classification.majority_accuracy", "classification.verdict")
     summary = {k: metrics[k] for k in keys if k in metrics}
     return summary | {"report": str(paths.report(STAGE)), "samples": len(rows)}
 
@@ -186,6 +188,7 @@ def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path |
             prefix,
             batch_size=config.evaluate.batch_size,
             max_new_tokens=config.evaluate.max_new_tokens,
+            metrics=config.evaluate.sft_metrics,
             log=progress,
         )
         result |= {f"{prefix}.{'' if prefix == 'sft' else 'sft_'}{k}": v for k, v in scores.items()}
