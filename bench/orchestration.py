@@ -120,9 +120,27 @@ def team_deployment_run(base: Path, kjv: Path, chatter: Path) -> float:
         flow_run = team.prefect(f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"workspace": "."}})
         final = ts.wait_for(team, flow_run["id"], timeout_s=1800)
         seconds = time.perf_counter() - started
+        phases = _phases(team, flow_run["id"], final)
     if final["state"]["type"] != "COMPLETED":
         raise SystemExit(f"the deployment run ended {final['state']['name']}: {final['state']['message']}")
+    for name, value in phases:
+        print(f"  team run, {name:<44} {value:6.1f} s")
     return seconds
+
+
+def _phases(team, flow_run_id: str, final: dict) -> list[tuple[str, float]]:
+    """Where a deployment run's time goes, from the server's own state history: waiting for the worker to take
+    it (Scheduled → Pending), its process start with the pull steps (Pending → Running: git clone, dvc pull,
+    imports), and the flow itself (Running → Completed)."""
+    from datetime import datetime
+
+    states = team.prefect("/flow_run_states/?flow_run_id=" + flow_run_id) or []
+    first = {}
+    for state in sorted(states, key=lambda st: st["timestamp"]):
+        first.setdefault(state["type"], datetime.fromisoformat(state["timestamp"]))
+    marks = [("SCHEDULED", "PENDING", "taken by the worker"), ("PENDING", "RUNNING", "process start and pull steps")]
+    marks.append(("RUNNING", "COMPLETED", "the flow itself"))
+    return [(f"{what}:", (first[b] - first[a]).total_seconds()) for a, b, what in marks if a in first and b in first]
 
 
 def verdict(overhead: float, base: float, fixed: float, share: float = 0.03) -> str:

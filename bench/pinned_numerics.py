@@ -35,7 +35,8 @@ def child(preset: str, batch: int, seq: int, steps: int) -> None:
     import torch
 
     from lmcore.model import PRESETS, ModelConfig, Transformer
-    from lmcore.train.loop import lm_loss, weights_digest
+    from lmcore.train.loop import lm_loss
+    from lmcore.train.resume import state_digest
 
     torch.manual_seed(0)
     config = ModelConfig(**{**PRESETS[preset], "vocab_size": 4096, "context_length": seq})
@@ -52,7 +53,7 @@ def child(preset: str, batch: int, seq: int, steps: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step:  # the first step pays one-off allocation
             times.append(time.process_time() - start)
-    print(json.dumps({"step_s": statistics.median(times), "digest": weights_digest(model.state_dict())}))
+    print(json.dumps({"step_s": statistics.median(times), "digest": state_digest(model.state_dict())}))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Both models get the same config (the cpu-demo preset by default), the same batch
 lmcore.train uses) and the same threads. "lmcore" is the step as the pretrain stage runs it by default: the
 transformer blocks compiled, the fused loss eager (`pretrain.compile: auto`, lmcore/train/compile.py), and on an
 even thread count each micro-batch split into 2 parts that run at once on threads of their own
-(`pretrain.batch_split: auto`, lmcore/train/split.py; `--split 1` turns it off). When split, "lmcore unsplit" is
+(`pretrain.batch_split: auto`, lmcore/train/threadsplit.py; `--split 1` turns it off). When split, "lmcore unsplit" is
 timed too; "lmcore eager" is uncompiled and unsplit. `--compile-hf` also times HF under torch.compile and
 `--split-hf` HF split the same way, so each of lmcore's gains can be set against the same gain given to HF. Runs
 alternate A B A B … in one process so drift of a shared, noisy machine hits all alike; the figures are medians over
@@ -35,7 +35,7 @@ from lmcore.export import hf_config_dict, to_hf_state_dict
 from lmcore.kernels import use_fast_kernels
 from lmcore.model import PRESETS, ModelConfig, Transformer
 from lmcore.train.compile import compile_choice, compile_model
-from lmcore.train.split import SplitBackward, split_choice
+from lmcore.train.threadsplit import SplitBackward, split_choice
 
 
 def build_pair(config: ModelConfig) -> tuple[Transformer, torch.nn.Module]:

@@ -9,22 +9,19 @@ safetensors: pickled `.bin` checkpoints are refused, never unpickled. Directorie
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import CheckpointError
+from lmcore.weightfiles import WEIGHTS_FILE, read_safetensors
 
 if TYPE_CHECKING:
     import torch
 
     from lmcore.model import ModelConfig, Transformer
 
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -138,7 +135,7 @@ def export_hf(
     """
     from safetensors.torch import save_file
 
-    from lmcore.tokenizer import atomic_directory
+    from lmcore.files import atomic_directory
 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     config = model.config
@@ -323,66 +320,6 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def weight_files(directory: str | Path) -> list[Path]:
-    """The safetensors files holding a directory's weights: model.safetensors, or the shards its index lists
-    (sorted); pickled weights are refused."""
-    directory = Path(directory)
-    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index") from None
-        paths = [directory / name for name in files]
-    elif single.is_file():
-        paths = [single]
-    else:
-        pickled = [name for name in PICKLE_WEIGHTS if (directory / name).exists()]
-        if pickled:
-            raise CheckpointError(
-                f"{directory / pickled[0]}: pickled weights are not loaded (unsafe); convert them to safetensors"
-            )
-        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
-    for path in paths:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {WEIGHTS_INDEX_FILE})")
-    return paths
-
-
-def init_weights_digest(directory: str | Path) -> str:
-    """SHA-256 naming the weights of a model directory a stage starts from: the digest of model.safetensors when
-    it is one file, else the digest of the index and of every shard in turn (so a changed shard changes it)."""
-    paths = weight_files(directory)
-    if len(paths) == 1 and paths[0].name == WEIGHTS_FILE:
-        return _sha256(paths[0])
-    h = hashlib.sha256(_sha256(Path(directory) / WEIGHTS_INDEX_FILE).encode())
-    for path in paths:
-        h.update(f"{path.name}:{_sha256(path)}".encode())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's model.safetensors (or its shards); pickled weights are refused."""
-    from safetensors.torch import load_file
-
-    paths = weight_files(directory)
-    state: dict[str, torch.Tensor] = {}
-    for path in paths:
-        try:
-            state |= load_file(str(path))
-        except Exception as err:  # SafetensorError, OSError, or a header that is not JSON
-            raise CheckpointError(f"{path}: unreadable safetensors ({str(err).splitlines()[0]})") from None
-    return state
-
-
 def import_hf(directory: str | Path) -> tuple[Transformer, ModelConfig]:
     """An lmcore Transformer (fp32, CPU) holding the weights of a Hugging Face Llama directory."""
     import torch
@@ -430,7 +367,7 @@ def export_hf_classifier(
     """
     from safetensors.torch import save_file
 
-    from lmcore.tokenizer import atomic_directory
+    from lmcore.files import atomic_directory
 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     config = model.config

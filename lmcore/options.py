@@ -94,7 +94,7 @@ class TrainConfig(Section):
     batch_split: int | Literal["auto"] = Field(
         "auto",
         description="CPU: run each micro-batch as this many parts at once, on threads sharing out the cores "
-        "(lmcore/train/split.py); auto = 2 where it applies and pays, 1 = never",
+        "(lmcore/train/threadsplit.py); auto = 2 where it applies and pays, 1 = never",
     )
     # The launcher (lmcore/train/launch.py): how many processes train, never what they compute, so these keys are
     # left out of the checkpoint fingerprint (LAUNCH_KEYS). PET_* environment variables win over them.

@@ -11,13 +11,10 @@ hash of its canonical tokenizer.json, so token shards and models refuse a tokeni
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from lmcore.diskspace import writing
 from lmcore.errors import CheckpointError, DataError
+from lmcore.files import atomic_directory
 from lmcore.options import SPECIAL_TOKENS, TokenizerConfig
 
 if TYPE_CHECKING:
@@ -161,55 +158,6 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: Any = np.int64) ->
 
 
 # --- saving and loading --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `target`; on success it replaces `target` in one rename.
-
-    On error the temporary directory is removed and `target` is left as it was; a full disk is reported as a
-    DiskFullError naming `target`. Replacing an existing `target` takes two renames (it goes aside to .NAME.old
-    first); a write killed between them leaves .NAME.old, which the next write into `target` puts back before it
-    starts (and removes temporary directories of writers that died).
-    """
-    target = Path(target)
-    with writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():  # an earlier write was killed between its two renames: put back what it set aside
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(old, target)
-        for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # of writers that died (pid in the name)
-            pid = leftover.name.removeprefix(f".{target.name}.").split(".")[0]
-            if pid.isdigit() and not _process_exists(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp"))
-        try:
-            yield tmp
-            if target.exists():
-                os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if old.exists() and not target.exists():
-                    os.replace(old, target)  # put the previous version back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def to_transformers(tok: Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:

@@ -108,7 +108,7 @@ def test_init_weights_digest_names_every_shard(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmcore.errors import CheckpointError
-    from lmcore.export import init_weights_digest
+    from lmcore.weightfiles import init_weights_digest
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(

@@ -309,13 +309,13 @@ def test_a_checkpoint_replaced_by_a_writer_killed_between_its_renames_is_still_r
 
 
 def test_a_tokenizer_directory_replaced_by_a_writer_killed_between_its_renames_comes_back(tmp_path: Path):
-    from lmcore.tokenizer import atomic_directory
+    from lmcore.files import atomic_directory
 
     target = tmp_path / "tokenizer"
     with atomic_directory(target) as tmp:
         (tmp / "tokenizer.json").write_text("first")
     code = _KILLED_BETWEEN_RENAMES.format(name="os.replace") + (
-        "from lmcore.tokenizer import atomic_directory\n"
+        "from lmcore.files import atomic_directory\n"
         "with atomic_directory(Path(sys.argv[1])) as tmp:\n    (tmp / 'tokenizer.json').write_text('second')\n"
     )
     _killed_mid_replace(code.replace("sys.argv[1]", repr(str(target))).replace("sys.argv[2]", repr("tokenizer")))

@@ -291,7 +291,7 @@ def test_init_from_an_exported_model_continues_pretraining(data_workspace, tiny_
 
     from transformers import AutoModelForCausalLM
 
-    from lmcore.export import init_weights_digest
+    from lmcore.weightfiles import init_weights_digest
 
     base = tiny_run
     sharded = tmp_path / "sharded"
@@ -332,7 +332,7 @@ def torchrun(ws: Path, nproc: int = 2) -> subprocess.CompletedProcess:
 def test_ddp_on_two_processes_ends_with_identical_replicas(data_workspace, tmp_path: Path) -> None:
     from lmcore.model import ModelConfig, Transformer
     from lmcore.train.checkpoint import load_model_state, load_weights
-    from lmcore.train.loop import weights_digest
+    from lmcore.train.resume import state_digest
 
     params = {"pretrain": {"threads": 1, "grad_accum": 2}}  # accumulation exercises no_sync
     single = copy_workspace(data_workspace, tmp_path / "single", **params)
@@ -346,7 +346,7 @@ def test_ddp_on_two_processes_ends_with_identical_replicas(data_workspace, tmp_p
     rank0, rank1 = meta["replica_weight_sha256"]  # each rank hashed its own weights
     model = Transformer(ModelConfig(**meta["model_config"]))
     load_model_state(model, load_weights(final))
-    assert rank0 == rank1 == weights_digest(model.state_dict())
+    assert rank0 == rank1 == state_digest(model.state_dict())
     assert_same_training(single, ddp)  # the same global batches as one process
 
     fsdp = copy_workspace(data_workspace, tmp_path / "fsdp", pretrain={**params["pretrain"], "parallel": "fsdp"})

@@ -20,10 +20,11 @@ from lmcore.model import IGNORE_INDEX, ModelConfig, Transformer
 from lmcore.train import checkpoint as ckpt
 from lmcore.train.compile import compile_choice
 from lmcore.train.distributed import DistEnv
-from lmcore.train.loop import TrainCallback, TrainingError, lm_loss, train, weights_digest
+from lmcore.train.loop import TrainCallback, TrainingError, lm_loss, train
 from lmcore.train.optim import build_optimizer, lr_at, param_groups
+from lmcore.train.resume import state_digest
 from lmcore.train.runtime import rng_state, seed_everything, set_rng_state
-from lmcore.train.split import SplitBackward, split_choice
+from lmcore.train.threadsplit import SplitBackward, split_choice
 
 TINY = dict(n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, context_length=32)
 
@@ -218,7 +219,7 @@ def test_resume_after_a_crash_is_bit_identical_with_dropout(shards, tmp_path: Pa
         run_loop(shards, tmp_path / "b", callbacks=[Crash(8)])
     resumed, result = run_loop(shards, tmp_path / "b")
     assert result.resumed_from == 8
-    assert weights_digest(resumed.state_dict()) == weights_digest(straight.state_dict())
+    assert state_digest(resumed.state_dict()) == state_digest(straight.state_dict())
     assert result.history == expected.history  # the logged series, losses to the last bit, continue seamlessly
     assert result.tokens_seen == expected.tokens_seen == 12 * 2 * 4 * TINY["context_length"]
     assert [row["step"] for row in result.history["val"]] == [6, 12]
@@ -247,8 +248,8 @@ def test_two_runs_are_bit_identical_and_dropout_changes_them(shards) -> None:
     a, _ = run_loop(shards, None, steps=4)
     b, _ = run_loop(shards, None, steps=4)
     c, _ = run_loop(shards, None, steps=4, dropout=0.0)
-    assert weights_digest(a.state_dict()) == weights_digest(b.state_dict())
-    assert weights_digest(a.state_dict()) != weights_digest(c.state_dict())
+    assert state_digest(a.state_dict()) == state_digest(b.state_dict())
+    assert state_digest(a.state_dict()) != state_digest(c.state_dict())
 
 
 def test_the_loop_trains_with_the_hand_written_gradients(shards) -> None:
@@ -279,7 +280,7 @@ def test_compiled_training_tracks_eager_and_resumes_bit_identically(shards, tmp_
         run_loop(shards, tmp_path / "b", callbacks=[Crash(8)], dropout=0.0, compile=True)
     resumed, result = run_loop(shards, tmp_path / "b", dropout=0.0, compile=True)
     assert result.resumed_from == 8
-    assert weights_digest(resumed.state_dict()) == weights_digest(straight.state_dict())
+    assert state_digest(resumed.state_dict()) == state_digest(straight.state_dict())
     assert result.history == expected.history
 
 
@@ -288,7 +289,7 @@ def test_compiled_training_is_bit_identical_on_two_threads(shards) -> None:
     torch.set_num_threads(2)  # where a kernel adding in parallel (atomics) would show
     a, _ = run_loop(shards, None, steps=4, batch_size=16, compile=True)
     b, _ = run_loop(shards, None, steps=4, batch_size=16, compile=True)
-    assert weights_digest(a.state_dict()) == weights_digest(b.state_dict())
+    assert state_digest(a.state_dict()) == state_digest(b.state_dict())
 
 
 @needs_cpu_compile
@@ -307,7 +308,7 @@ def test_compile_true_without_a_cpp_compiler_names_the_key() -> None:
     assert compile_choice("auto", "cpu", "pretrain")[0]  # the compiler is found again afterwards
 
 
-# --- a micro-batch split into parts on threads (lmcore/train/split.py) -----------------------------------------
+# --- a micro-batch split into parts on threads (lmcore/train/threadsplit.py) -----------------------------------------
 
 
 def assert_split_gives_the_whole_batch_gradient(model, batch, loss_fn, parts: tuple[int, ...]) -> None:
@@ -385,12 +386,12 @@ def test_split_training_is_bit_identical_and_resumes_exactly(shards, tmp_path: P
     losses = [row["loss"] for row in expected.history["train"]]
     assert losses == pytest.approx([row["loss"] for row in unsplit.history["train"]], abs=1e-4)
     again, _ = run_loop(shards, None, **split)
-    assert weights_digest(again.state_dict()) == weights_digest(straight.state_dict())
+    assert state_digest(again.state_dict()) == state_digest(straight.state_dict())
     with pytest.raises(RuntimeError, match="crash after step 8"):
         run_loop(shards, tmp_path / "b", callbacks=[Crash(8)], **split)
     resumed, result = run_loop(shards, tmp_path / "b", **split)
     assert result.resumed_from == 8
-    assert weights_digest(resumed.state_dict()) == weights_digest(straight.state_dict())
+    assert state_digest(resumed.state_dict()) == state_digest(straight.state_dict())
     assert result.history == expected.history
     assert torch.get_num_threads() == 2
 

@@ -175,7 +175,8 @@ def import_hf_classifier(directory: str | Path) -> tuple[Classifier, list[str]]:
     import json
 
     from lmcore.errors import CheckpointError
-    from lmcore.export import from_hf_state_dict, read_hf_config, read_safetensors
+    from lmcore.export import from_hf_state_dict, read_hf_config
+    from lmcore.weightfiles import read_safetensors
 
     directory = Path(directory)
     config = read_hf_config(directory)

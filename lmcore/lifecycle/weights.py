@@ -31,13 +31,13 @@ class WeightsIntegrityError(LmcycleError):
     """A registered version's weight files differ from the SHA-256 recorded on the version, or it records none."""
 
 
-def weight_files(model_dir: Path) -> list[Path]:
+def safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(Path(model_dir).glob("*.safetensors"))
 
 
 def weights_digest(model_dir: Path) -> str:
     """sha256 over the model's weight files (each file's name and sha256, in name order)."""
-    return _combined({file.name: file_sha256(file) or "" for file in weight_files(model_dir)})
+    return _combined({file.name: file_sha256(file) or "" for file in safetensors_files(model_dir)})
 
 
 def _combined(hashes: dict[str, str]) -> str:
@@ -50,7 +50,7 @@ def _combined(hashes: dict[str, str]) -> str:
 
 def weights_tags(model_dir: Path) -> dict[str, str]:
     """What registration records: the overall digest and each weight file's own."""
-    files = {FILE_TAG + file.name: file_sha256(file) or "" for file in weight_files(model_dir)}
+    files = {FILE_TAG + file.name: file_sha256(file) or "" for file in safetensors_files(model_dir)}
     return {DIGEST_TAG: weights_digest(model_dir), **files}
 
 
@@ -63,7 +63,7 @@ def verify_weights(version: ModelVersion, model_dir: Path) -> Path:
         raise WeightsIntegrityError(
             f"{uri}: no SHA-256 recorded on the version (tag {DIGEST_TAG}); its weights cannot be verified"
         )
-    on_disk = {file.name: file for file in weight_files(model_dir)}
+    on_disk = {file.name: file for file in safetensors_files(model_dir)}
     hashes = {name: file_sha256(path) or "" for name, path in on_disk.items()}  # each file read once
     per_file = {key.removeprefix(FILE_TAG): value for key, value in tags.items() if key.startswith(FILE_TAG)}
     for name, expected in sorted(per_file.items()):

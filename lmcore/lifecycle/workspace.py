@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -81,14 +80,10 @@ def git_dirty(root: Path) -> bool:
 
 
 def file_sha256(path: Path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The file's SHA-256, or None when there is no such file."""
+    from lmcore.files import file_sha256 as sha256
+
+    return sha256(path) if Path(path).is_file() else None
 
 
 def dvc_lock_hash(root: Path) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import CheckpointError
+from lmcore.files import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -60,14 +61,6 @@ def fingerprint(payload: dict[str, Any]) -> str:
     """A short stable hash of JSON-able params and input hashes."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- state dicts (every rank takes part; FSDP gathers the full tensors) --------------------------------------
@@ -162,7 +155,7 @@ def write_checkpoint(
             path = tmp / name
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-            files[name] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+            files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         full_meta = {"format": FORMAT_VERSION, "step": step, **meta, "files": files}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True), encoding="utf-8")
         _fsync_dir(tmp)
@@ -213,7 +206,7 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{file}: missing")
         if file.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)")
-        if file_digest(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from {META_FILE} (corrupt)")
     return meta
 

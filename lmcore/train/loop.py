@@ -6,7 +6,7 @@ of the index, so the data position is the step and needs no saved reader state),
 returns a scalar mean loss. Pretraining passes token-shard windows and the LM loss; fine-tuning passes its own.
 
 Each step: lr from the schedule → grad_accum micro-batches (autocast bf16 on GPU, fp32 on CPU; DDP/FSDP
-gradient sync only on the last; on CPU each may run as parts on threads of their own, see split.py) → clip (the
+gradient sync only on the last; on CPU each may run as parts on threads of their own, see threadsplit.py) → clip (the
 pre-clip norm is logged) → a finiteness check (a NaN/inf loss or gradient stops with one line naming the step,
 before the optimizer touches the weights) → AdamW step.
 Validation runs every `eval_every` steps and at the end, checkpoints every `checkpoint_every` steps and at the
@@ -18,14 +18,13 @@ AdamW state, every RNG, step, tokens seen and the logged history, so the rest of
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,16 +35,22 @@ from lmcore.train.compile import compile_choice, compile_model, eager
 from lmcore.train.distributed import (
     DistEnv,
     all_reduce_sum,
-    broadcast_object,
-    gather_objects,
     is_sharded,
     no_sync,
     wrap_model,
 )
-from lmcore.train.launch import check_process_count
 from lmcore.train.optim import build_optimizer, lr_at, set_lr
-from lmcore.train.runtime import autocast, peak_flops, pick_dtype, rng_state, seed_everything, set_rng_state
-from lmcore.train.split import SplitBackward, loss_terms, split_choice
+from lmcore.train.resume import (
+    TrainingError,
+    TrainState,
+    check_replicas,
+    resolved_numerics,
+    resume,
+    save_checkpoint,
+    say,
+)
+from lmcore.train.runtime import autocast, peak_flops, pick_dtype, seed_everything
+from lmcore.train.threadsplit import SplitBackward, loss_terms, split_choice
 
 if TYPE_CHECKING:
     import torch
@@ -53,10 +58,6 @@ if TYPE_CHECKING:
     from lmcore.options import TrainConfig
 
 Batch = dict[str, "torch.Tensor"]
-
-
-class TrainingError(LmcycleError):
-    """Training cannot go on: a non-finite loss, replicas that disagree."""
 
 
 class TrainingStopped(LmcycleError):
@@ -94,14 +95,6 @@ class TrainResult:
     tokens_per_s: float | None = None  # this process's training throughput (evaluation and checkpoints excluded)
 
 
-@dataclass
-class _State:
-    step: int = 0
-    tokens_seen: int = 0
-    history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
-    window: list[float] = field(default_factory=list)  # losses since the last log line
-
-
 class _StopFlag:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps (main thread only)."""
 
@@ -128,30 +121,11 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _say(env: DistEnv, message: str) -> None:
-    if env.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-
 def _fmt_rate(x: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.0f}"
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and raw bytes of a state dict: equal digests mean bit-identical weights."""
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(name.encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def train(
@@ -184,7 +158,7 @@ def train(
     optimizer = build_optimizer(model, cfg, device_type)
     compiling, how = compile_choice(cfg.compile, device_type, name)
     if how:
-        _say(env, f"{name}: {how}")
+        say(env, f"{name}: {how}")
     parts, how = split_choice(
         cfg.batch_split,
         device_type=device_type,
@@ -196,17 +170,17 @@ def train(
         section=name,
     )
     if how:
-        _say(env, f"{name}: {how}")
+        say(env, f"{name}: {how}")
     numerics = resolved_numerics(device_type, dtype, torch.get_num_threads(), parts, compiling)
     meta = {**(meta or {}), "numerics": numerics}
 
-    state = _State()
-    resumed_from = _resume(model, optimizer, state, env, checkpoint_dir, fingerprint, name, numerics)
+    state = TrainState()
+    resumed_from = resume(model, optimizer, state, env, checkpoint_dir, fingerprint, name, numerics)
     if resumed_from is None:
         seed_everything(seed + env.rank)  # distinct dropout masks per rank, fixed per run
     peak = peak_flops(device_type, torch.cuda.current_device() if device_type == "cuda" else 0)
     if peak:
-        _say(env, f"{name}: MFU against {peak[1]} per device")
+        say(env, f"{name}: MFU against {peak[1]} per device")
     last_checkpoint: Path | None = None
     if resumed_from is not None and checkpoint_dir is not None:
         last_checkpoint = checkpoint_dir / ckpt.step_dir_name(resumed_from)
@@ -217,7 +191,9 @@ def train(
             return None
         kept = f"last good checkpoint {shown(last_checkpoint)} kept" if last_checkpoint else "no checkpoint kept"
         with writing(checkpoint_dir / ckpt.step_dir_name(step), hint=f"{kept}; free space and rerun to resume"):
-            path = _save(model, optimizer, state, env, checkpoint_dir, fingerprint, meta or {}, cfg.keep_checkpoints)
+            path = save_checkpoint(
+                model, optimizer, state, env, checkpoint_dir, fingerprint, meta or {}, cfg.keep_checkpoints
+            )
         last_checkpoint = path or last_checkpoint
         if env.is_main and path is not None:
             for cb in callbacks:
@@ -230,7 +206,7 @@ def train(
         metrics = _evaluate(wrapped, model, evaluate_fn, device_type, dtype)
         state.history["val"].append({"step": step, **metrics})
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "tokens")
-        _say(env, f"{name}: step {step}/{cfg.steps} | val {shown}")
+        say(env, f"{name}: step {step}/{cfg.steps} | val {shown}")
         if env.is_main:
             from lmcore.reporting import reporter
 
@@ -315,7 +291,7 @@ def train(
                     f"checkpoint {last_checkpoint} saved: rerun to resume"
                 )
 
-    digest = _check_replicas(model, env) if env.enabled and not is_sharded(model) else None
+    digest = check_replicas(model, env) if env.enabled and not is_sharded(model) else None
     train_rows = state.history["train"]
     val_rows = state.history["val"]
     return TrainResult(
@@ -428,7 +404,7 @@ def _log(env, state, cfg, name, lr, grad_norm, rate, flops_per_token, peak, bar,
         else:
             parts.append(f"{_fmt_rate(achieved)}FLOP/s")
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=_fmt_rate(rate), refresh=False)
-    _say(env, " | ".join(parts))
+    say(env, " | ".join(parts))
     from lmcore.reporting import reporter
 
     reporter().log_metrics({f"{name}.{k}": v for k, v in metrics.items()}, step=state.step)
@@ -447,94 +423,3 @@ def _evaluate(wrapped, model, evaluate_fn, device_type, dtype) -> dict[str, floa
             return dict(evaluate_fn(target))
     finally:
         model.train()
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------------
-
-
-def resolved_numerics(device_type: str, dtype: Any, threads: int, parts: int, compiling: bool) -> dict[str, Any]:
-    """The settings that pick a run's floating-point code paths, as they resolved on this machine (`auto` and
-    `threads: 0` say nothing by themselves): written into every checkpoint and compared on resume."""
-    return {
-        "device": device_type,
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": int(threads),
-        "batch_split": int(parts),
-        "compile": bool(compiling),
-    }
-
-
-def numerics_note(saved: dict[str, Any] | None, now: dict[str, Any], name: str, path: Path) -> str | None:
-    """One line when a checkpoint was written with other resolved numerics than this run's (None if the same, or
-    if the checkpoint predates the record): the resume goes on, but is no longer bit-identical to a run that was
-    never interrupted."""
-    if not saved or saved == now:
-        return None
-    changed = ", ".join(f"{key} {saved.get(key)} → {now.get(key)}" for key in now if saved.get(key) != now.get(key))
-    return (
-        f"{name}: resuming {path} with other numerics ({changed}): the result will not be bit-identical to an "
-        f"uninterrupted run; pin {name}.threads, {name}.dtype, {name}.device and {name}.batch_split to avoid this"
-    )
-
-
-def _resume(
-    model, optimizer, state: _State, env: DistEnv, root: Path | None, fp: str, name: str, numerics: dict[str, Any]
-) -> int | None:
-    if root is None:
-        return None
-    found = ckpt.find_resumable(root, fp) if env.is_main else None
-    path = broadcast_object(env, str(found.path) if found else None)
-    if path is None:
-        return None
-    path = Path(path)
-    meta = ckpt.read_meta(path)
-    note = check_process_count(model, int(meta.get("world_size", 1)), env, name, path)  # refuses what can't resume
-    if note:
-        _say(env, note)
-    if note := numerics_note(meta.get("numerics"), numerics, name, path):
-        _say(env, note)
-    ckpt.load_model_state(model, ckpt.load_weights(path))
-    trainer = ckpt.load_trainer(path)
-    ckpt.load_optimizer_state(model, optimizer, trainer["optimizer"])
-    rngs = trainer["rng"]
-    set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-    state.step = int(meta["step"])
-    state.tokens_seen = int(meta["tokens_seen"])
-    state.history = ckpt.load_history(path)
-    state.window = list(trainer.get("window", []))
-    _say(env, f"{name}: resuming from {path} (step {state.step})")
-    return state.step
-
-
-def _save(model, optimizer, state: _State, env: DistEnv, root: Path, fp: str, meta: dict, keep: int) -> Path | None:
-    weights = ckpt.model_state(model)  # every rank: FSDP gathers here
-    optim_state = ckpt.optimizer_state(model, optimizer)
-    rngs = gather_objects(env, rng_state())
-    replicas = None
-    if env.enabled and not is_sharded(model):
-        replicas = gather_objects(env, weights_digest(model.state_dict()))  # each rank's own copy
-        if len(set(replicas)) != 1:
-            raise TrainingError(f"data-parallel replicas diverged at step {state.step}: weight digests {replicas}")
-    path = None
-    if env.is_main:
-        trainer = {"optimizer": optim_state, "rng": rngs, "window": list(state.window)}
-        full_meta = {
-            **meta,
-            "step": state.step,
-            "tokens_seen": state.tokens_seen,
-            "fingerprint": fp,
-            "world_size": env.world_size,
-        }
-        if replicas:
-            full_meta["replica_weight_sha256"] = replicas
-        path = ckpt.write_checkpoint(root, state.step, weights, trainer, state.history, full_meta)
-        ckpt.prune(root, keep)
-    shared = broadcast_object(env, str(path) if path else None)  # also keeps ranks in step with the write
-    return Path(shared) if shared else None
-
-
-def _check_replicas(model, env: DistEnv) -> str:
-    digests = gather_objects(env, weights_digest(model.state_dict()))
-    if len(set(digests)) != 1:
-        raise TrainingError(f"data-parallel replicas ended with different weights: {digests}")
-    return digests[0]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import shutil
@@ -72,7 +71,7 @@ def run(config: Config, paths: Paths) -> dict:
 def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     import torch
 
-    from lmcore.export import import_hf, init_weights_digest
+    from lmcore.export import import_hf
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
     from lmcore.finetune.schedule import resolve_steps
@@ -80,6 +79,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     from lmcore.train.checkpoint import fingerprint
     from lmcore.train.loop import train
     from lmcore.train.runtime import seed_everything
+    from lmcore.weightfiles import init_weights_digest
 
     cfg, seed = config.finetune, config.project.seed
     init_dir = resolve_dir(paths, cfg.init_from, "finetune.init_from")
@@ -229,11 +229,9 @@ def check_tokenizer(paths: Paths, expected: str | None, init_dir: Path) -> None:
 def file_digest(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: not found (run the ingest stage first)")
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from lmcore.files import file_sha256
+
+    return file_sha256(path)[:16]
 
 
 # --- tasks -----------------------------------------------------------------------------------------------------
@@ -390,7 +388,7 @@ def write_models(
 ) -> None:
     """models/finetune/checkpoint (the final checkpoint, adapters unmerged) and models/finetune/hf (merged)."""
     from lmcore.export import export_hf, export_hf_classifier
-    from lmcore.tokenizer import atomic_directory
+    from lmcore.files import atomic_directory
 
     cfg = config.finetune
     if result.checkpoint is None:

@@ -21,7 +21,6 @@ draw, and rank 0 alone writes checkpoints, reports and the exported model.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -216,7 +215,8 @@ def _build_model(mcfg: ModelConfig, init_dir: Path | None) -> tuple[torch.nn.Mod
 
     if init_dir is None:
         return Transformer(mcfg), None
-    from lmcore.export import import_hf, init_weights_digest
+    from lmcore.export import import_hf
+    from lmcore.weightfiles import init_weights_digest
 
     model, _ = import_hf(init_dir)
     return model, init_weights_digest(init_dir)[:16]  # one file or every shard
@@ -254,11 +254,9 @@ def _fingerprint_params(config: Config, mcfg: ModelConfig) -> dict[str, Any]:
 
 
 def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from lmcore.files import file_sha256
+
+    return file_sha256(path)[:16]
 
 
 # --- outputs (rank 0) ----------------------------------------------------------------------------------------
@@ -312,8 +310,8 @@ def _write_models(paths: Paths, config: Config, mcfg: ModelConfig, result, repor
     wrapped the model during training (one device, DDP or FSDP shards).
     """
     from lmcore.export import export_hf
+    from lmcore.files import atomic_directory
     from lmcore.model import Transformer
-    from lmcore.tokenizer import atomic_directory
     from lmcore.train import checkpoint as ckpt
 
     if result.checkpoint is None:

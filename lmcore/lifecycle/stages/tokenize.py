@@ -20,10 +20,11 @@ from tokenizers import Tokenizer
 
 from lmcore.data.encode import encode_split
 from lmcore.errors import DataError
+from lmcore.files import atomic_directory
 from lmcore.lifecycle.config import Config, TokenizeConfig, atomic_write_text
 from lmcore.lifecycle.paths import Paths
 from lmcore.reporting import reporter
-from lmcore.tokenizer import atomic_directory, read_tokenizer, tokenizer_fingerprint
+from lmcore.tokenizer import read_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
