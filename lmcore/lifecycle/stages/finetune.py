@@ -15,9 +15,7 @@ train instead of the full weights and are merged back before export, so the expo
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import shutil
 import sys
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from lmcore.errors import CheckpointError, ConfigError, DataError
 from lmcore.lifecycle.config import LAUNCH_KEYS, Config, atomic_write_text
 from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.reports import decimals, write_training_reports
 from lmcore.reporting import reporter
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     from lmcore.train.distributed import DistEnv
 
 STAGE = "finetune"
-ROUND = 6
+rounded = decimals(6)  # every float in finetune's reports: byte-identical reruns, no float noise
 # Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
 # The launcher's keys are among them: a checkpoint resumes on another process count (lmcore/train/loop.py says when).
 BOOKKEEPING_KEYS = (
@@ -164,7 +163,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         **plan.record(),
     }
     report = rounded(report)
-    write_reports(paths, report, result.history, task.val_columns)
+    write_training_reports(paths, STAGE, report, result.history, task.val_columns, rounded)
     final = lora.merge(model).cpu()
     write_models(paths, config, final, mcfg, init_dir, tokenizer, result, report, task, inputs)
     summary = {
@@ -341,37 +340,6 @@ def prepare_classification(
 
 
 # --- outputs (rank 0) ------------------------------------------------------------------------------------------
-
-
-def rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, ROUND)
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v) for v in value]
-    return value
-
-
-def series_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([rounded(row.get(c, "")) for c in columns] for row in rows)
-    return out.getvalue()
-
-
-def write_reports(paths: Paths, report: dict, history: dict[str, list[dict]], val_columns: list[str]) -> None:
-    from lmcore.plots import plot_training_curves
-
-    atomic_write_text(paths.report(STAGE), json.dumps(report, indent=2, sort_keys=True) + "\n")
-    plots = paths.plots(STAGE)
-    atomic_write_text(plots / "train.csv", series_csv(history["train"], ["step", "loss", "lr", "grad_norm"]))
-    atomic_write_text(plots / "val.csv", series_csv(history["val"], val_columns))
-    png = plot_training_curves(history["train"], history["val"], plots / "loss.png", title=STAGE)
-    rep = reporter()
-    rep.log_artifact(paths.report(STAGE))
-    rep.log_artifact(png, "plots")
 
 
 def write_models(

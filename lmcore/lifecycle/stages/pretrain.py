@@ -20,18 +20,15 @@ draw, and rank 0 alone writes checkpoints, reports and the exported model.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import CheckpointError, ConfigError, DataError
-from lmcore.lifecycle.config import LAUNCH_KEYS, Config, atomic_write_text
+from lmcore.lifecycle.config import LAUNCH_KEYS, Config
 from lmcore.lifecycle.paths import Paths
+from lmcore.lifecycle.reports import significant, write_training_reports
 from lmcore.reporting import reporter
 
 if TYPE_CHECKING:
@@ -42,7 +39,7 @@ if TYPE_CHECKING:
     from lmcore.train.distributed import DistEnv
 
 STAGE = "pretrain"
-SIGNIFICANT = 7  # significant digits of every float in reports: byte-identical reruns, no float noise
+_round = significant(7)  # every float in pretrain's reports: byte-identical reruns, no float noise
 # Keys that change what is logged or kept, never the weights: a checkpoint made with other values still resumes.
 # The launcher's keys are among them: a checkpoint resumes on another process count (lmcore/train/loop.py says when).
 BOOKKEEPING_KEYS = (
@@ -128,7 +125,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         return {"rank": env.rank, "steps": result.step}
 
     report = _report(result, mcfg)
-    _write_reports(paths, report, result.history)
+    write_training_reports(paths, STAGE, report, result.history, ["step", "loss", "bpb"], _round)
     _write_models(paths, config, mcfg, result, report, inputs)
     summary = {
         "steps": result.step,
@@ -262,12 +259,6 @@ def _file_sha(path: Path) -> str:
 # --- outputs (rank 0) ----------------------------------------------------------------------------------------
 
 
-def _round(value: Any) -> Any:
-    if isinstance(value, float):
-        return float(f"{value:.{SIGNIFICANT}g}") if math.isfinite(value) else str(value)
-    return value
-
-
 def _report(result, mcfg: ModelConfig) -> dict[str, Any]:
     report = {
         "params": mcfg.num_params(),
@@ -279,28 +270,6 @@ def _report(result, mcfg: ModelConfig) -> dict[str, Any]:
         if key in result.val:
             report[f"val_{key}"] = result.val[key]
     return {k: _round(v) for k, v in report.items()}
-
-
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_round(row.get(c, "")) for c in columns])
-    return out.getvalue()
-
-
-def _write_reports(paths: Paths, report: dict[str, Any], history: dict[str, list[dict]]) -> None:
-    from lmcore.plots import plot_training_curves
-
-    atomic_write_text(paths.report(STAGE), json.dumps(report, indent=2, sort_keys=True) + "\n")
-    plots = paths.plots(STAGE)
-    atomic_write_text(plots / "train.csv", _csv(history["train"], ["step", "loss", "lr", "grad_norm"]))
-    atomic_write_text(plots / "val.csv", _csv(history["val"], ["step", "loss", "bpb"]))
-    png = plot_training_curves(history["train"], history["val"], plots / "loss.png", title=STAGE)
-    rep = reporter()
-    rep.log_artifact(paths.report(STAGE))
-    rep.log_artifact(png, "plots")
 
 
 def _write_models(paths: Paths, config: Config, mcfg: ModelConfig, result, report: dict, inputs: dict) -> None:
