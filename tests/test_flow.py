@@ -366,6 +366,7 @@ def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory,
     assert sha256(rebuilt) == sha256(registered) == sha256(model_dir / "model.safetensors")
 
     # a registered record the rebuild does not match: one error line, exit 1 (pretrain only, to keep it short)
+    recorded_digest = version.tags["lmcycle.weights_sha256"]
     wrong = "0" * 64
     for key, value in {"weights_sha256": wrong, "stage": "pretrain", "model_dir": "models/pretrain/hf"}.items():
         client.set_model_version_tag(name, version.version, f"lmcycle.{key}", value)
@@ -374,6 +375,17 @@ def test_lifecycle_end_to_end_rerun_and_bit_identical_rebuild(workspace_factory,
     assert mismatch.stderr.strip().splitlines()[-1] == f"error: weights differ from {uri} (registered {wrong})"
     assert "Traceback" not in mismatch.stderr and "bit-identical: yes" not in mismatch.stdout
     assert "# bit-identical rebuild here: expected" in rebuild.stdout  # recorded and rebuilt on this machine
+
+    # recorded on another CPU: no bit-identity expected, so the rebuild is held to the registered weights within the
+    # tolerance, which pretrain's weights (the rebuild) are not against the fine-tuned ones (the version)
+    client.set_model_version_tag(name, version.version, "lmcycle.weights_sha256", recorded_digest)
+    client.set_model_version_tag(name, version.version, "env.cpu_model", "Another CPU")
+    elsewhere = run_cli("reproduce", uri, "--run", "--dir", str(tmp_path / "re3"), cwd=root)
+    assert "# bit-identical rebuild here: not expected (cpu_model 'Another CPU' there" in elsewhere.stdout
+    assert elsewhere.returncode == 1, elsewhere.stderr[-5000:]
+    assert "bit-identical: no, as expected on this machine; largest relative L2 distance" in elsewhere.stdout
+    last = elsewhere.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: weights of the rebuild are beyond the tolerance of {uri}: "), last
 
 
 def sha256(path: Path) -> str:
