@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -448,8 +449,10 @@ def test_ctrl_c_in_a_terminal_stops_the_run_and_its_last_calls_still_reach_the_e
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         assert proc.wait(timeout=120) != 0
         output = (long_pretrain / "run.log").read_text(errors="replace")
-        assert "Unable to connect" not in output, output[-3000:]
-        assert "Finished in state Crashed" in output, output[-3000:]  # the flow run's state reached the server
+        # the flow run's final state reached the server, which answered until Prefect itself stopped it at exit
+        # (an event still in flight after that may fail to send, which is not this fault)
+        assert re.search(r"Flow run '[^']+' - Finished in state (Crashed|Failed|Cancelled)", output), output[-3000:]
+        assert "Unable to connect" not in output.split("Stopping temporary server")[0], output[-3000:]
         left = survivors(list(seen.values()))
         assert not left, f"outlived `lmcycle run`:\n{_describe(left)}"
     finally:
