@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,13 @@ TINY_PARAMS = {
     },
     "evaluate": {"max_new_tokens": 8, "sft_max_examples": 8},
 }
+
+
+# A suite started in the background by a shell without job control (`cmd &` in a script) inherits SIGINT ignored,
+# and so would every process it starts: `lmcycle run` would then ignore the Ctrl-C the tests press. Give the test
+# process (and through it, each child) the terminal's behaviour.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
