@@ -62,7 +62,16 @@ def start_server(port: int | None = None, home: Path | None = None, log: Path | 
         env["PREFECT_HOME"] = str(home)
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (handed to the child)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    from flows.lifetime import die_with_parent
+
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent(signal.SIGTERM),  # a SIGKILLed caller (or test session) leaves no server
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:

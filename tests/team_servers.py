@@ -36,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from flows.lifetime import die_with_parent
+
 START_TIMEOUT_S = 180.0
 DATABASES = ("prefect", "mlflow", "mlflow_auth")
 POOL = "lmcycle"  # the work pool prefect.yaml names
@@ -65,6 +67,7 @@ def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = Non
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # a killed test session leaves no server behind
         )
 
 
