@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -69,7 +70,7 @@ class FreshProcess:
         from flows.lifetime import die_with_parent
 
         return subprocess.Popen(
-            argv,
+            exec_in_place(argv),
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -107,6 +108,25 @@ class WarmHost:
 
     def warm(self) -> bool:
         return self.host.alive()
+
+
+_SHELL_OPERATORS = re.compile(r"[;&|<>()`\n]")  # a list, a pipeline, a redirection, a subshell
+_PROGRAM = re.compile(r"[\w./+-]+")  # a program's name or path: no assignment, no expansion
+_NOT_PROGRAMS = {"if", "for", "while", "until", "case", "exec", "cd", "export", "set", "eval", "source", "."}
+
+
+def exec_in_place(argv: Argv) -> Argv:
+    """`SHELL [OPTS] -c CMD` with CMD one plain command becomes `SHELL [OPTS] -c 'exec CMD'`, so the process started
+    (the one the parent-death signal and the stage record are about) is the command itself, not a shell waiting on
+    it: bash execs a lone command by itself, dash (`/bin/sh` on Debian, DVC's shell when SHELL is unset) does not,
+    and a SIGKILLed flow then left the stage running under a shell that died alone. Anything else is unchanged."""
+    if isinstance(argv, str) or len(argv) < 3 or argv[-2] != "-c":
+        return argv
+    command = argv[-1].strip()
+    program = command.split(maxsplit=1)[0] if command else ""
+    if _SHELL_OPERATORS.search(command) or not _PROGRAM.fullmatch(program) or program in _NOT_PROGRAMS:
+        return argv
+    return [*argv[:-1], f"exec {command}"]
 
 
 def lmcycle_command(argv: Argv) -> list[str] | None:

@@ -168,7 +168,8 @@ def _parent_pid(proc: psutil.Process) -> int | None:
 
 @pytest.mark.slow
 def test_kill9_of_the_flow_mid_pretrain_leaves_no_trainer_and_the_rerun_resumes(long_pretrain: Path, prefect_api):
-    env = _run_env(LMCYCLE_WARM_STAGES="0", PREFECT_API_URL=prefect_api)
+    # SHELL=/bin/sh: DVC's shell where SHELL is unset, and dash does not exec a lone command as bash does
+    env = _run_env(LMCYCLE_WARM_STAGES="0", PREFECT_API_URL=prefect_api, SHELL="/bin/sh")
     run = RunUnderTest(long_pretrain, env, "--until", "pretrain")
     reruns: list[RunUnderTest] = []
     try:

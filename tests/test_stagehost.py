@@ -194,3 +194,22 @@ def test_a_registration_without_a_host_runs_as_a_process_the_timeout_stops(works
         _register_command(expired, ws, None, None, timeout_s=3.0)
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
     assert not [p for p in left if p.status() != psutil.STATUS_ZOMBIE], left
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_a_fresh_stage_process_is_the_command_itself_not_a_shell_waiting_on_it(shell):
+    """DVC starts `$SHELL -c CMD` (/bin/sh without SHELL): dash waits on CMD as its child where bash execs it, and
+    the parent-death signal and the stage record are the started process's. A plain command runs in place."""
+    from flows.executor import FreshProcess, exec_in_place
+
+    proc = FreshProcess().start([shell, "-c", "sleep 30"], os.getcwd(), dict(os.environ))
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(proc.pid).name() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(proc.pid).cmdline() == ["sleep", "30"]
+    finally:
+        stop_group(proc, 5.0)
+    for compound in ("a && b", "a | b", "X=1 run", "cd x", "echo $(date)", "run > out"):
+        assert exec_in_place([shell, "-c", compound]) == [shell, "-c", compound]
+    assert exec_in_place(["lmcycle", "stage", "pretrain"]) == ["lmcycle", "stage", "pretrain"]
