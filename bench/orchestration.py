@@ -140,7 +140,29 @@ def _phases(team, flow_run_id: str, final: dict) -> list[tuple[str, float]]:
         first.setdefault(state["type"], datetime.fromisoformat(state["timestamp"]))
     marks = [("SCHEDULED", "PENDING", "taken by the worker"), ("PENDING", "RUNNING", "process start and pull steps")]
     marks.append(("RUNNING", "COMPLETED", "the flow itself"))
-    return [(f"{what}:", (first[b] - first[a]).total_seconds()) for a, b, what in marks if a in first and b in first]
+    phases = [(f"{what}:", (first[b] - first[a]).total_seconds()) for a, b, what in marks if a in first and b in first]
+    return phases + _task_phases(team, flow_run_id, first)
+
+
+def _task_phases(team, flow_run_id: str, first: dict) -> list[tuple[str, float]]:
+    """Inside the flow: each task run (a stage, the registration, the push) and the time between them."""
+    from datetime import datetime
+
+    runs = team.prefect("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}) or []
+    spans = sorted(
+        (datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"]), run["name"])
+        for run in runs
+        if run.get("start_time") and run.get("end_time")
+    )
+    if not spans or "RUNNING" not in first or "COMPLETED" not in first:
+        return []
+    phases, mark = [], first["RUNNING"]
+    for start, end, name in spans:
+        phases.append(("  before " + name, (start - mark).total_seconds()))
+        phases.append(("  task " + name, (end - start).total_seconds()))
+        mark = end
+    phases.append(("  after the last task", (first["COMPLETED"] - mark).total_seconds()))
+    return phases
 
 
 def verdict(overhead: float, base: float, fixed: float, share: float = 0.03) -> str:

@@ -46,6 +46,9 @@ POOL = "lmcycle"  # the work pool prefect.yaml names
 # --- processes ---------------------------------------------------------------------------------------------
 
 
+MLFLOW_AUTH_CACHE_TTL_S = 60  # as docker/mlflow-auth.ini: a password check per credential and minute, not per request
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -335,6 +338,7 @@ def start_mlflow_server(pg: Postgres, folder: Path, user: str, password: str) ->
         f"database_uri = {pg.url('mlflow_auth', 'psycopg2')}\n"
         f"admin_username = {user}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {MLFLOW_AUTH_CACHE_TTL_S}\n"
     )
     env = _server_env(pg, folder)
     env.update(

@@ -314,6 +314,8 @@ def test_mlflow_secrets_come_from_the_environment_not_the_ini(compose, monkeypat
     config = read_auth_config()
     assert (config.admin_username, config.admin_password) == ("someone", "from-the-environment")
     assert config.database_uri == "postgresql+psycopg2://postgres:5432/mlflow_auth"
+    # a password check per credential and minute, not per request (PBKDF2: ~0.25 s each on a 2-core host)
+    assert 0 < config.auth_cache_ttl_seconds <= 300
     monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD")
     assert read_auth_config().admin_password is None  # no fallback password in the file
 

@@ -114,6 +114,9 @@ def test_every_server_refuses_requests_without_the_right_credentials(team: Team)
     assert http_status(search) == 401
     assert http_status(search, (team.mlflow_user, "wrong-password")) == 401
     assert http_status(search, team.mlflow_credentials) == 200
+    # the server remembers a successful check (auth_cache_ttl_seconds), never a failed one or another password
+    assert http_status(search, (team.mlflow_user, team.mlflow_password + "x")) == 401
+    assert http_status(search, (team.mlflow_user, "wrong-password")) == 401
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
         psycopg2.connect(host="127.0.0.1", port=team.postgres.port, user=team.postgres.user, password="wrong")
     team.postgres.connect("prefect").close()
