@@ -370,3 +370,39 @@ def test_a_classifier_registers_as_a_text_classification_model(pretrained_worksp
     assert tags["lmcycle.eval_fingerprint"] == "abc"
     predictions = mlflow.pyfunc.load_model("models:/reg-classifier@champion").predict(["In the beginning God"])
     assert set(predictions["label"]) <= {"new", "old"}
+
+
+def test_registering_asks_the_hugging_face_hub_nothing(pretrained_workspace, tmp_path):
+    """The model is logged under the registered name, which is no hub repository: with the hub reachable (a local
+    stand-in on 127.0.0.1 through HF_ENDPOINT, offline mode off) MLflow's transformers flavor would ask it for that
+    name's license; the registration must send it nothing."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            asked.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        paths = reg_workspace(pretrained_workspace, tmp_path / "ws", "reg-no-hub", 3.0, "a")
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"}
+        env.update(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0", LMCYCLE_CACHE=os.environ["LMCYCLE_CACHE"])
+        cmd = ["lmcycle", "register", "--workspace", str(paths.root)]
+        proc = subprocess.run(cmd, cwd=paths.root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "models:/reg-no-hub/1" in proc.stdout + proc.stderr
+        assert asked == [], asked
+    finally:
+        hub.shutdown()
+        hub.server_close()

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +121,7 @@ def _log_and_register(
             rep.log_artifact(paths.root / file)
     status = "FAILED"
     try:
-        with mlflow.start_run(run_id=run.info.run_id):
+        with mlflow.start_run(run_id=run.info.run_id), hub_offline():
             info = mlflow.transformers.log_model(
                 transformers_model=served_as(load_components(cand.model_dir, cand.task), name),
                 name="model",
@@ -197,6 +198,22 @@ def load_components(model_dir: Path, task: str) -> dict[str, Any]:
         current = model.generation_config.max_new_tokens
         model.generation_config.max_new_tokens = min(current, cap) if current else cap
     return {"model": model, "tokenizer": tokenizer}
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """No Hugging Face hub calls while the model is logged. MLflow's transformers flavor asks the hub for the license
+    (and, without a README, the card) of the repository the model's `name_or_path` names, which is our registered
+    model's name (`served_as`): the question would send that name to huggingface.co, and offline it cost ~25 s of
+    retries. huggingface_hub reads the flag at each request (`constants.is_offline_mode`)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def served_as(components: dict[str, Any], name: str) -> dict[str, Any]:
