@@ -48,6 +48,8 @@ POOL = "lmcycle"  # the work pool prefect.yaml names
 
 MLFLOW_AUTH_CACHE_TTL_S = 60  # as docker/mlflow-auth.ini: a password check per credential and minute, not per request
 
+WORKER_QUERY_SECONDS = "2"  # as docker/compose.yaml: a run waits ~1 s for the worker, not ~5 s
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -380,7 +382,8 @@ def process_worker(team: Team, pool: str, folder: Path) -> Iterator[subprocess.P
     """A `process` work pool (created if missing) and `prefect worker start` polling it; stopped with SIGINT
     (a worker may ignore SIGTERM), then SIGKILL of its group after a grace period."""
     folder.mkdir(parents=True, exist_ok=True)
-    env = team.client_env(PWD=str(folder))  # it runs in `folder`; $PWD must not name the folder the tests run in
+    # it runs in `folder` ($PWD must not name the folder the tests run in), polling as docker/compose.yaml's worker
+    env = team.client_env(PWD=str(folder), PREFECT_WORKER_QUERY_SECONDS=WORKER_QUERY_SECONDS)
     found = team.prefect("/work_pools/filter", {"work_pools": {"name": {"any_": [pool]}}})
     if not found:
         create = [sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"]
