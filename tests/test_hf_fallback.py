@@ -206,3 +206,28 @@ def test_classification_on_a_fallback_model_is_refused_in_one_line(ws, base_dir:
     with pytest.raises(ConfigError, match=rf"finetune.task: classification .* {base_dir.name} .*task sft"):
         run_finetune(root)
     assert not (root / "models" / "finetune").exists()
+
+
+def test_packed_rows_are_computed_as_each_example_alone(base_dir: Path):
+    from lmcore.finetune.sft import SftExample, collate, sft_loss
+    from lmcore.hfcausal import load_causal_lm
+
+    model, _ = load_causal_lm(base_dir)
+    model.eval()
+    torch.manual_seed(1)
+    examples = [
+        SftExample(torch.randint(3, 500, (n,)).tolist(), torch.randint(3, 500, (n,)).tolist()) for n in (5, 9, 4)
+    ]
+    packed = SftExample(
+        [t for ex in examples for t in ex.input_ids],
+        [t for ex in examples for t in ex.targets],
+        [i + 1 for i, ex in enumerate(examples) for _ in ex.input_ids],
+    )
+    with torch.no_grad():
+        alone = torch.cat([model.token_losses(**_ids(collate([ex], 0))).flatten() for ex in examples])
+        together = sft_loss(model, collate([packed], 0))
+    torch.testing.assert_close(together, alone.mean(), rtol=1e-5, atol=1e-6)
+
+
+def _ids(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "targets": batch["targets"]}

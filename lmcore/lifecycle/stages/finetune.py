@@ -1,7 +1,8 @@
 """Stage `finetune`: adapt a pretrained model to conversations (SFT) or to labelled text (classification).
 
-Reads the model in `finetune.init_from` (default models/pretrain/hf, or any Hugging Face Llama directory a user
-brings), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
+Reads the model in `finetune.init_from` (default models/pretrain/hf, or a Hugging Face directory a user brings:
+an architecture lmcore does not run natively trains through transformers' own class, lmcore.hfcausal),
+data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
 models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
 
 One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
