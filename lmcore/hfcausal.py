@@ -173,9 +173,14 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def native_refusal(directory: Path) -> str | None:
-    """Why lmcore's own Transformer cannot run the directory's config (None: it can)."""
+    """Why lmcore's own Transformer cannot run the directory's config (None: it can, or no path can: a missing or
+    unreadable config.json, which the native import then names)."""
     from lmcore.export import read_hf_config
 
+    try:
+        json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
     try:
         read_hf_config(directory)
     except CheckpointError as err:

@@ -231,3 +231,35 @@ def test_packed_rows_are_computed_as_each_example_alone(base_dir: Path):
 
 def _ids(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "targets": batch["targets"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"auto_map": {"AutoModelForCausalLM": "modeling.Model"}}, r"needs remote code \(auto_map\)"),
+        ({"model_type": "no_such_model"}, r"has no causal LM for model_type 'no_such_model'"),
+        ("pickled", r"no safetensors weights \(pickled \.bin weights are never loaded\)"),
+        ("truncated", r"its weights lack \d+ tensors transformers expects"),
+    ],
+)
+def test_what_neither_path_runs_is_refused_in_one_line(tmp_path: Path, change, message):
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmcore.errors import CheckpointError
+    from lmcore.hfcausal import load_causal_lm
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        str(tmp_path)
+    )
+    if isinstance(change, dict):
+        config = json.loads((tmp_path / "config.json").read_text()) | change
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    elif change == "pickled":
+        (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    else:
+        weights = load_file(str(tmp_path / "model.safetensors"))
+        save_file({k: v for k, v in weights.items() if ".h.0.mlp." not in k}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_causal_lm(tmp_path)
+    assert "\n" not in str(err.value) and "lmcore cannot run it (config.json: model_type" in str(err.value)
