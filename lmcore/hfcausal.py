@@ -149,7 +149,7 @@ class HFCausalLM(nn.Module):
                         input_ids=ids[:, start : end + 1],
                         attention_mask=mask[:, : end + 1],
                         position_ids=positions[:, start : end + 1],
-                        past_key_values=out.past_key_values if cfg.use_cache else None,
+                        cache=out.cache if cfg.use_cache else None,  # transformers 5.24 calls it `cache`
                         use_cache=cfg.use_cache,
                     )
         finally:
