@@ -184,6 +184,9 @@ def stream_tokens(
     Prompts are cut to their last tokens when they and the new tokens would not fit in the context: the prompt
     keeps at least `context − min(max_new_tokens, context / 2)` tokens, and generation never runs past the context.
     """
+    if hasattr(model, "stream_tokens"):  # a model lmcore runs through transformers decodes itself (lmcore.hfcausal)
+        yield from model.stream_tokens(prompts, cfg, pad_token_id)
+        return
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     context = model.config.context_length

@@ -109,16 +109,17 @@ def generate_text(
 
 
 def load_model(model: str | Path, device: str = "cpu") -> tuple[Transformer, Any]:
-    """An exported Hugging Face directory as (lmcore Transformer in eval mode, transformers tokenizer); a
+    """An exported Hugging Face directory as (lmcore Transformer in eval mode, transformers tokenizer; an
+    architecture lmcore does not run natively comes through transformers, lmcore.hfcausal); a
     registry URI is resolved to such a directory by the lifecycle layer first (lmcore.lifecycle.registry)."""
     from transformers import AutoTokenizer
 
-    from lmcore.export import import_hf
+    from lmcore.hfcausal import load_causal_lm
 
     path = Path(model).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{model}: no such model directory")
-    transformer, _ = import_hf(path)
+    transformer, _ = load_causal_lm(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:

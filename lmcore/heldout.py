@@ -34,11 +34,12 @@ def _quiet(message: str) -> None:
 
 
 def load_lm(directory: Path) -> tuple[Any, Any]:
-    """(lmcore Transformer in eval mode, tokenizer) of an HF causal-LM directory."""
-    from lmcore.export import import_hf
+    """(lmcore Transformer in eval mode, tokenizer) of an HF causal-LM directory (lmcore.hfcausal.HFCausalLM for an
+    architecture lmcore does not run natively)."""
+    from lmcore.hfcausal import load_causal_lm
     from lmcore.tokenizer import model_tokenizer
 
-    model, _ = import_hf(directory)
+    model, _ = load_causal_lm(directory)
     return model.eval(), model_tokenizer(directory)
 
 
@@ -55,11 +56,11 @@ def text_bpb(
 
     from lmcore.data.encode import encode_split
     from lmcore.data.shards import TokenShards
-    from lmcore.export import import_hf
+    from lmcore.hfcausal import load_causal_lm
     from lmcore.metrics import evaluate_lm
     from lmcore.tokenizer import read_tokenizer, tokenizer_fingerprint
 
-    model, mcfg = import_hf(model_dir)
+    model, mcfg = load_causal_lm(model_dir)
     model.eval()
     tok = read_tokenizer(model_dir)
     fingerprint = tokenizer_fingerprint(model_dir)

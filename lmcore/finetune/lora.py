@@ -1,4 +1,5 @@
-"""LoRA adapters through `peft`, on lmcore's own modules, merged back into plain weights before export.
+"""LoRA adapters through `peft`, on lmcore's own modules (or a transformers model's, lmcore.hfcausal), merged
+back into plain weights before export.
 
 peft wraps any `nn.Linear` it is told to by name, so adapters go straight onto lmcore's model and the one training
 loop trains them. lmcore fuses projections that Llama keeps apart (`qkv` = q/k/v_proj, `gate_up` = gate/up_proj,
@@ -14,25 +15,29 @@ from torch import nn
 from lmcore.errors import ConfigError
 from lmcore.options import LoraConfig
 
-# Hugging Face Llama projection name → the lmcore module that contains it.
+# Hugging Face Llama projection name → the module that holds it, first found wins: lmcore's fused modules, then
+# those of architectures run through transformers (lmcore.hfcausal): Phi-3, GPT-2, GPT-NeoX, Phi. GPT-2 names its
+# attention and MLP output projections alike (`c_proj`), so o_proj and down_proj there adapt both.
 HF_ALIASES = {
-    "q_proj": "qkv",
-    "k_proj": "qkv",
-    "v_proj": "qkv",
-    "o_proj": "proj",
-    "gate_proj": "gate_up",
-    "up_proj": "gate_up",
-    "down_proj": "down",
+    "q_proj": ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv"),
+    "k_proj": ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv"),
+    "v_proj": ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv"),
+    "o_proj": ("proj", "c_proj", "dense", "out_proj"),
+    "gate_proj": ("gate_up", "gate_up_proj", "c_fc", "dense_h_to_4h", "fc1"),
+    "up_proj": ("gate_up", "gate_up_proj", "c_fc", "dense_h_to_4h", "fc1"),
+    "down_proj": ("down", "c_proj", "dense_4h_to_h", "fc2"),
 }
 
 
 def linear_names(model: nn.Module) -> list[str]:
     """Last name component of every Linear in the model that may carry an adapter (not a tied output head)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer, which peft adapts too
+
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module.weight) not in tied
+        if isinstance(module, nn.Linear | Conv1D) and id(module.weight) not in tied
     }
     return sorted(names)
 
@@ -40,7 +45,8 @@ def linear_names(model: nn.Module) -> list[str]:
 def resolve_targets(model: nn.Module, requested: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
     """lmcore module names for `finetune.lora.target_modules`; an unknown name is a ConfigError listing the choices."""
     available = [n for n in linear_names(model) if n not in exclude]
-    aliases = {hf: ours for hf, ours in HF_ALIASES.items() if ours in available}
+    aliases = {hf: next((m for m in ours if m in available), None) for hf, ours in HF_ALIASES.items()}
+    aliases = {hf: ours for hf, ours in aliases.items() if ours is not None and hf not in available}
     resolved: list[str] = []
     for name in requested:
         target = aliases.get(name, name)

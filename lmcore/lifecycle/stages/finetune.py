@@ -1,7 +1,8 @@
 """Stage `finetune`: adapt a pretrained model to conversations (SFT) or to labelled text (classification).
 
-Reads the model in `finetune.init_from` (default models/pretrain/hf, or any Hugging Face Llama directory a user
-brings), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
+Reads the model in `finetune.init_from` (default models/pretrain/hf, or a Hugging Face directory a user brings:
+an architecture lmcore does not run natively trains through transformers' own class, lmcore.hfcausal),
+data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
 models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
 
 One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
@@ -33,6 +34,7 @@ from lmcore.reporting import reporter
 if TYPE_CHECKING:
     import torch
 
+    from lmcore.hfcausal import HFModelInfo
     from lmcore.lifecycle.config import FinetuneConfig
     from lmcore.model import ModelConfig, Transformer
     from lmcore.train.distributed import DistEnv
@@ -70,10 +72,10 @@ def run(config: Config, paths: Paths) -> dict:
 def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     import torch
 
-    from lmcore.export import import_hf
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
     from lmcore.finetune.schedule import resolve_steps
+    from lmcore.hfcausal import HFModelInfo, load_causal_lm
     from lmcore.tokenizer import model_tokenizer
     from lmcore.train.checkpoint import fingerprint
     from lmcore.train.loop import train
@@ -89,7 +91,15 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
             f"finetune.batch_size: {cfg.batch_size} sequences cannot be split evenly over {env.world_size} processes"
         )
     seed_everything(seed)  # a fresh head and LoRA adapters start from the seed alone
-    base, mcfg = import_hf(init_dir)
+    base, mcfg = load_causal_lm(init_dir)  # lmcore's Transformer, or transformers' class for other architectures
+    through_hf = isinstance(mcfg, HFModelInfo)
+    if through_hf and cfg.task == "classification":
+        raise ConfigError(
+            f"finetune.task: classification needs an architecture lmcore runs natively; {cfg.init_from} is "
+            f"{mcfg.model_type} ({mcfg.reason}): fine-tune it with task sft"
+        )
+    if through_hf and env.is_main:
+        say(mcfg.line(STAGE))
     max_length = min(cfg.max_length, mcfg.context_length)
     prepare = prepare_sft if cfg.task == "sft" else prepare_classification
     task = prepare(config, paths, base, tokenizer, max_length, init_dir)
@@ -109,7 +119,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
         "finetune": {k: v for k, v in recorded(cfg).items() if k not in BOOKKEEPING_KEYS},
         "max_length": max_length,
         "seed": seed,
-    }
+    } | ({"through": mcfg.architecture} if through_hf else {})  # a native run's checkpoints would not fit
     fp = fingerprint({"params": params, "inputs": inputs})
     if env.is_main:
         if plan.line():
@@ -346,7 +356,7 @@ def write_models(
     paths: Paths,
     config: Config,
     model: torch.nn.Module,
-    mcfg: ModelConfig,
+    mcfg: ModelConfig | HFModelInfo,
     init_dir: Path,
     tokenizer,
     result,
@@ -357,6 +367,7 @@ def write_models(
     """models/finetune/checkpoint (the final checkpoint, adapters unmerged) and models/finetune/hf (merged)."""
     from lmcore.export import export_hf, export_hf_classifier
     from lmcore.files import atomic_directory
+    from lmcore.hfcausal import HFCausalLM, export_hf_causal
 
     cfg = config.finetune
     if result.checkpoint is None:
@@ -390,7 +401,8 @@ def write_models(
         )
         return
     card["description"] += " Chat format: the tokenizer's chat template (`tokenizer.apply_chat_template`)."
-    export_hf(model, init_dir, out, card=card, extra_config=lineage)
+    export = export_hf_causal if isinstance(model, HFCausalLM) else export_hf
+    export(model, init_dir, out, card=card, extra_config=lineage)
     stop_at_end_of_turn(out, tokenizer)
 
 
