@@ -53,14 +53,17 @@ def rope_fields(hf: dict[str, Any], path: Path) -> tuple[RopeScaling | None, flo
     """RoPE scaling (None: plain) and θ, from transformers 5's `rope_parameters` or the older `rope_scaling`."""
     from lmcore.model import ROPE_TYPES, RopeScaling
 
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = hf.get(key) or {}
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path}: {key} {params!r} is not a mapping")
+    sections = {key: hf.get(key) or {} for key in ("rope_parameters", "rope_scaling")}
+    for key, section in sections.items():
+        if not isinstance(section, dict):
+            raise CheckpointError(f"{path}: {key} {section!r} is not a mapping")
+    # As transformers reads them: an old-style rope_scaling overrides rope_parameters, θ may sit at the top level.
+    key = "rope_scaling" if sections["rope_scaling"] else "rope_parameters"
+    params = sections["rope_parameters"] | sections["rope_scaling"]
+    kind = sections[key].get("rope_type", sections[key].get("type", "default"))
     theta = float(params.get("rope_theta", hf.get("rope_theta", DEFAULT_THETA)))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError(f"{path}: partial_rotary_factor is not supported (lmcore rotates whole heads)")
-    kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
         return None, theta
     if kind not in ROPE_TYPES:
