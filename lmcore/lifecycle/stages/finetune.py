@@ -1,7 +1,8 @@
 """Stage `finetune`: adapt a pretrained model to conversations (SFT) or to labelled text (classification).
 
-Reads the model in `finetune.init_from` (default models/pretrain/hf, or any Hugging Face Llama directory a user
-brings), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
+Reads the model in `finetune.init_from` (default models/pretrain/hf, or a Hugging Face Llama, Qwen2 or Mistral
+directory a user brings; it says once which features run natively), data/ingest/{sft|classification}/{train,val}.jsonl
+and params `finetune`, `project.seed`; writes
 models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
 
 One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
@@ -70,7 +71,7 @@ def run(config: Config, paths: Paths) -> dict:
 def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     import torch
 
-    from lmcore.export import import_hf
+    from lmcore.export import import_hf, native_features
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
     from lmcore.finetune.schedule import resolve_steps
@@ -112,6 +113,7 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     }
     fp = fingerprint({"params": params, "inputs": inputs})
     if env.is_main:
+        say(f"{STAGE}: {native_features(mcfg)}")
         if plan.line():
             say(f"{STAGE}: {plan.line()}")
         adapters = f"LoRA r={cfg.lora.r}" if cfg.lora.r else "full fine-tuning"
