@@ -144,6 +144,8 @@ def hf_config(config: ModelConfig, architecture: str | None = None, **token_ids:
         **_arch_values(config),
         **token_ids,
     )
+    if arch == "qwen2" and config.head_dim == config.d_model // config.n_head:
+        del values["head_dim"]  # not a Qwen2Config key: written only where it differs
     return getattr(transformers, f"{prefix}Config")(**values).to_dict()
 
 
