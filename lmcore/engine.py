@@ -80,8 +80,10 @@ class Decoder:
     scale, and the pass-through of values are one multiply-add against tables built once; residual
     additions ride on the output matmuls (addmm). The model's own embedding, LM head and SwiGLU run as they are;
     its RMSNorm (one vector-norm reduction here) and attention (SDPA there) are not reused, because the model's
-    versions round differently and decoded tokens would change. `tests/test_model.py` checks it against the full
-    forward.
+    versions round differently and decoded tokens would change. Projection biases, where a model has them, ride on
+    the same matmuls; a sliding-window layer attends over the last `window` cache columns only (the cache keeps
+    every column, so nothing is evicted). `tests/test_model.py` and `tests/test_hf_architectures.py` check it
+    against the full forward.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, key_mask=None) -> None:

@@ -305,8 +305,8 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: not valid JSON") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: not a JSON object")
-    variants = hfarch.variant_fields(hf, path)
     try:
+        variants = hfarch.variant_fields(hf, path)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"],
@@ -323,7 +323,7 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         )
     except KeyError as err:
         raise CheckpointError(f"{path}: required key {err.args[0]} is missing") from None
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from lmcore.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from lmcore.model import ModelConfig, RopeScaling
+    from lmcore.model import ModelConfig
+    from lmcore.rope import RopeScaling
 
 # model_type → the prefix of its transformers classes (…Config, …ForCausalLM, …ForSequenceClassification)
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
@@ -51,7 +52,7 @@ def _names() -> str:
 
 def rope_fields(hf: dict[str, Any], path: Path) -> tuple[RopeScaling | None, float]:
     """RoPE scaling (None: plain) and θ, from transformers 5's `rope_parameters` or the older `rope_scaling`."""
-    from lmcore.model import ROPE_TYPES, RopeScaling
+    from lmcore.rope import ROPE_TYPES, RopeScaling
 
     sections = {key: hf.get(key) or {} for key in ("rope_parameters", "rope_scaling")}
     for key, section in sections.items():
@@ -72,14 +73,24 @@ def rope_fields(hf: dict[str, Any], path: Path) -> tuple[RopeScaling | None, flo
         )
     if "factor" not in params:
         raise CheckpointError(f"{path}: {key}.factor is missing (rope_type {kind!r} needs it)")
-    scaling = RopeScaling(rope_type=kind, factor=float(params["factor"]))
+
+    def number(name: str, default: float) -> float:
+        value = params.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CheckpointError(f"{path}: {key}.{name} {value!r} is not a number")
+        return float(value)
+
+    scaling = RopeScaling(rope_type=kind, factor=number("factor", 1.0))
     if kind == "llama3":
+        original = params.get("original_max_position_embeddings")
         scaling = RopeScaling(
             rope_type=kind,
-            factor=float(params["factor"]),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=params.get("original_max_position_embeddings"),
+            factor=scaling.factor,
+            low_freq_factor=number("low_freq_factor", 1.0),
+            high_freq_factor=number("high_freq_factor", 4.0),
+            original_max_position_embeddings=None
+            if original is None
+            else int(number("original_max_position_embeddings", 0)),
         )
     return scaling, theta
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcore.errors import ConfigError
+from lmcore.rope import ROPE_TYPES, RopeScaling, scaled_frequencies
 
 # Torch's exp, log, sin, cos, tanh … run on MKL's vector math on x86 CPUs, which sets itself up on its first call.
 # When that first call is a parallel op, one thread can start before the setup is done and compute with less
@@ -46,18 +47,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass(frozen=True)
-class RopeScaling:
-    """Scaled RoPE frequencies, as transformers' `rope_parameters` name them (modeling_rope_utils)."""
-
-    rope_type: str  # "llama3", "linear" or "dynamic"
-    factor: float
-    low_freq_factor: float = 1.0  # llama3 only
-    high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int | None = None  # llama3 only (None: the context length)
-
-
-ROPE_TYPES = ("llama3", "linear", "dynamic")
 VARIANT_FIELDS = ("head_dim", "rope_scaling", "attention_bias", "attention_out_bias", "mlp_bias", "sliding_window")
 VARIANT_FIELDS += ("sliding_window_from_layer", "architecture")
 
@@ -190,28 +179,6 @@ def rope_tables(
         inv_freq = scaled_frequencies(inv_freq, scaling, length)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
-
-
-def scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling, length: int) -> torch.Tensor:
-    """transformers' scaled RoPE frequencies (modeling_rope_utils), for positions below `length`.
-
-    linear: every frequency divided by the factor. llama3: low frequencies (wavelengths beyond
-    original/low_freq_factor) divided by the factor, high ones kept, those between interpolated. dynamic (NTK):
-    the base grows only for sequences longer than max_position_embeddings, which lmcore never runs (it is the
-    context length), so inside the context the frequencies are plain RoPE's.
-    """
-    if scaling.rope_type == "linear":
-        return inv_freq / scaling.factor
-    if scaling.rope_type == "dynamic":
-        return inv_freq
-    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
-    old_context = scaling.original_max_position_embeddings or length
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
-    return torch.where(medium, smoothed, scaled)
 
 
 def split_heads_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv_head: int):

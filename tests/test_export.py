@@ -153,6 +153,7 @@ def test_pickled_weights_are_refused(tiny_hf_dir: Path, tmp_path: Path) -> None:
         ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_scaling"),
         ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters"),
         ({"rope_scaling": {"type": "linear"}}, r"rope_scaling\.factor is missing"),
+        ({"rope_scaling": {"type": "linear", "factor": "x"}}, r"rope_scaling\.factor 'x' is not a number"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"model_type": "gpt2"}, "model_type"),
