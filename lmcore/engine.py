@@ -161,7 +161,9 @@ class Decoder:
         q = qkv[:, :, :group].view(B * n_kv, group, hd)  # a view: each key/value head's queries
         first = 0 if w.window is None else max(0, column + 1 - w.window)  # a sliding window: the last `window` only
         seen_keys = w.keys_t[:, :, first : column + 1]
-        scores = torch.bmm(q, seen_keys) if bias is None else torch.baddbmm(bias[:, :, first:], q, seen_keys)
+        if bias is not None and first:
+            bias = bias[:, :, first:]
+        scores = torch.bmm(q, seen_keys) if bias is None else torch.baddbmm(bias, q, seen_keys)
         y = torch.bmm(scores.softmax(-1), w.values[:, first : column + 1]).view(B, -1)
         x = torch.addmm(x if w.proj_bias is None else x + w.proj_bias, y, w.proj)
         gate_up = _linear(self._norm(x, w.mlp_norm), w.gate_up, w.gate_up_bias)
