@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +49,26 @@ class KVCache:
         self.kv.copy_(self.kv.index_select(1, index))
 
 
+class LayerWeights(NamedTuple):
+    """One block as the Decoder uses it: weights as right-hand matmul operands (transposed views), biases (None:
+    absent), the layer's sliding window (None: none) and its cache views."""
+
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    window: int | None
+    kv: torch.Tensor
+    keys_t: torch.Tensor
+    values: torch.Tensor
+
+
 class Decoder:
     """Next-token logits for one new token per row, over a KVCache the model's forward pass has filled.
 
@@ -59,8 +80,10 @@ class Decoder:
     scale, and the pass-through of values are one multiply-add against tables built once; residual
     additions ride on the output matmuls (addmm). The model's own embedding, LM head and SwiGLU run as they are;
     its RMSNorm (one vector-norm reduction here) and attention (SDPA there) are not reused, because the model's
-    versions round differently and decoded tokens would change. `tests/test_model.py` checks it against the full
-    forward.
+    versions round differently and decoded tokens would change. Projection biases, where a model has them, ride on
+    the same matmuls; a sliding-window layer attends over the last `window` cache columns only (the cache keeps
+    every column, so nothing is evicted). `tests/test_model.py` and `tests/test_hf_architectures.py` check it
+    against the full forward.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, key_mask=None) -> None:
@@ -81,24 +104,31 @@ class Decoder:
             bias = bias.masked_fill(key_mask == 0, float("-inf"))
             self.bias = bias[:, None, None].expand(-1, c.n_kv_head, 1, -1).reshape(-1, 1, cache.max_len)
 
-    def _layer_weights(self, block: Block, layer: int, cache: KVCache) -> tuple:
-        """Weights as right-hand matmul operands (transposed views) and the layer's cache as (B·kv heads, len, dim)."""
+    def _layer_weights(self, block: Block, layer: int, cache: KVCache) -> LayerWeights:
         n_q, n_kv, hd = block.attn.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.head_dim
-        q, k, v = block.attn.qkv.weight.split([n_q, n_kv, n_kv])
-        # Rows regrouped per key/value head: [its queries, its key, its value].
-        q, k, v = (t.view(self.n_kv_head, -1, hd, t.shape[-1]) for t in (q, k, v))
-        qkv = torch.cat([q, k, v], dim=1)
+
+        def regroup(qkv: torch.Tensor) -> torch.Tensor:
+            """Rows regrouped per key/value head: [its queries, its key, its value]."""
+            q, k, v = (t.reshape(self.n_kv_head, -1, hd, *t.shape[1:]) for t in qkv.split([n_q, n_kv, n_kv]))
+            return torch.cat([q, k, v], dim=1).flatten(0, 2)
+
+        attn, mlp = block.attn, block.mlp
         kv = cache.kv[layer]
-        return (
-            block.attn_norm.weight,
-            qkv.flatten(0, 2).t(),
-            block.attn.proj.weight.t(),
-            block.mlp_norm.weight,
-            block.mlp.gate_up.weight.t(),
-            block.mlp.down.weight.t(),
-            kv,
-            kv.flatten(0, 1).select(2, 0).transpose(1, 2),  # keys, (B·kv heads, head_dim, len)
-            kv.flatten(0, 1).select(2, 1),  # values, (B·kv heads, len, head_dim)
+        return LayerWeights(
+            attn_norm=block.attn_norm.weight,
+            qkv=regroup(attn.qkv.weight).t(),
+            qkv_bias=None if attn.qkv.bias is None else regroup(attn.qkv.bias),
+            proj=attn.proj.weight.t(),
+            proj_bias=attn.proj.bias,
+            mlp_norm=block.mlp_norm.weight,
+            gate_up=mlp.gate_up.weight.t(),
+            gate_up_bias=mlp.gate_up.bias,
+            down=mlp.down.weight.t(),
+            down_bias=mlp.down.bias,
+            window=attn.window,
+            kv=kv,
+            keys_t=kv.flatten(0, 1).select(2, 0).transpose(1, 2),  # (B·kv heads, head_dim, len)
+            values=kv.flatten(0, 1).select(2, 1),  # (B·kv heads, len, head_dim)
         )
 
     def _rotation_tables(self, model: Transformer, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,23 +149,25 @@ class Decoder:
         x = self.embed(tokens)
         cos, sin = self.cos[column], self.sin[column]
         bias = None if self.bias is None else self.bias[:, :, : column + 1]
-        for weights in self.layers:
-            x = self._block(x, weights, column, cos, sin, bias)
+        for layer in self.layers:
+            x = self._block(x, layer, column, cos, sin, bias)
         return self.lm_head(self._norm(x, self.final_norm))
 
-    def _block(self, x, weights: tuple, column: int, cos, sin, bias) -> torch.Tensor:
-        attn_norm, qkv_w, proj_w, mlp_norm, gate_up_w, down_w, kv, keys_t, values = weights
+    def _block(self, x, w: LayerWeights, column: int, cos, sin, bias) -> torch.Tensor:
         B, n_kv, group, hd = x.shape[0], self.n_kv_head, self.group, self.head_dim
-        qkv = torch.mm(self._norm(x, attn_norm), qkv_w).view(B, n_kv, group + 2, 2, hd // 2)
+        qkv = _linear(self._norm(x, w.attn_norm), w.qkv, w.qkv_bias).view(B, n_kv, group + 2, 2, hd // 2)
         qkv = torch.addcmul(qkv * cos, qkv.flip(-2), sin).view(B, n_kv, group + 2, hd)
-        kv.select(2, column).copy_(qkv[:, :, group:])
+        w.kv.select(2, column).copy_(qkv[:, :, group:])
         q = qkv[:, :, :group].view(B * n_kv, group, hd)  # a view: each key/value head's queries
-        seen_keys = keys_t[:, :, : column + 1]
+        first = 0 if w.window is None else max(0, column + 1 - w.window)  # a sliding window: the last `window` only
+        seen_keys = w.keys_t[:, :, first : column + 1]
+        if bias is not None and first:
+            bias = bias[:, :, first:]
         scores = torch.bmm(q, seen_keys) if bias is None else torch.baddbmm(bias, q, seen_keys)
-        y = torch.bmm(scores.softmax(-1), values[:, : column + 1]).view(B, -1)
-        x = torch.addmm(x, y, proj_w)
-        gate_up = torch.mm(self._norm(x, mlp_norm), gate_up_w)
-        return torch.addmm(x, swiglu(gate_up), down_w)
+        y = torch.bmm(scores.softmax(-1), w.values[:, first : column + 1]).view(B, -1)
+        x = torch.addmm(x if w.proj_bias is None else x + w.proj_bias, y, w.proj)
+        gate_up = _linear(self._norm(x, w.mlp_norm), w.gate_up, w.gate_up_bias)
+        return torch.addmm(x if w.down_bias is None else x + w.down_bias, swiglu(gate_up), w.down)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm in fp32 with the mean of squares taken from the vector norm (one reduction instead of three)."""
@@ -143,6 +175,10 @@ class Decoder:
         rstd = torch.rsqrt(torch.addcmul(self.eps, norm, norm, value=1 / x.shape[-1]))
         y = x * rstd * weight
         return y if self.norm_dtype is None else y.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
 # --- the decoding loop ---------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""lmcore ⇄ Hugging Face Llama checkpoints: what stock `transformers` loads without remote code.
+"""lmcore ⇄ Hugging Face Llama-family checkpoints (Llama, Qwen2, Mistral): what stock `transformers` loads
+without remote code.
 
-The lmcore model computes exactly what `LlamaForCausalLM` computes, so export is a renaming of tensors: the fused
-QKV and gate/up matrices are split into Llama's q/k/v and gate/up projections, and back again on import. One
+The lmcore model computes exactly what `LlamaForCausalLM` (or `Qwen2ForCausalLM`, `MistralForCausalLM`) computes,
+so export is a renaming of tensors: the fused QKV and gate/up matrices (and their biases, where the architecture
+has them) are split into the q/k/v and gate/up projections, and back again on import. A directory is written back
+as the architecture it was read as (`lmcore.hfarch` maps config.json keys both ways). One
 function pair (`to_hf_state_dict` / `from_hf_state_dict`) holds the renaming of the decoder body under a prefix
 (`model.`), so the causal-LM export here and a sequence-classification export share it. Weights travel only as
 safetensors: pickled `.bin` checkpoints are refused, never unpickled. Directories are written atomically.
@@ -14,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcore import hfarch
 from lmcore.errors import CheckpointError
 from lmcore.weightfiles import WEIGHTS_FILE, read_safetensors
 
@@ -29,8 +33,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Llama config keys whose non-default values change the math: refused on import, named in the error.
-UNSUPPORTED_KEYS = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
 
 
 # --- the renaming (shared by every Llama head) ---------------------------------------------------------------
@@ -59,8 +61,24 @@ def to_hf_state_dict(model: Transformer, prefix: str = "model.") -> dict[str, to
             p + "mlp.up_proj.weight": up,
             p + "mlp.down_proj.weight": block.mlp.down.weight,
         }
+        state |= _hf_biases(block, p, [q_size, kv_size, kv_size])
     # safetensors refuses views sharing storage: give every tensor its own memory.
     return {name: t.detach().contiguous().clone() for name, t in state.items()}
+
+
+def _hf_biases(block, p: str, qkv_sizes: list[int]) -> dict[str, torch.Tensor]:
+    """The biases a block has (Qwen2's q/k/v, Llama's attention_bias and mlp_bias), under Llama names."""
+    out = {}
+    attn, mlp = block.attn, block.mlp
+    if attn.qkv.bias is not None:
+        q, k, v = attn.qkv.bias.split(qkv_sizes)
+        out |= {p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": k, p + "self_attn.v_proj.bias": v}
+    if attn.proj.bias is not None:
+        out[p + "self_attn.o_proj.bias"] = attn.proj.bias
+    if mlp.gate_up.bias is not None:
+        gate, up = mlp.gate_up.bias.chunk(2)
+        out |= {p + "mlp.gate_proj.bias": gate, p + "mlp.up_proj.bias": up, p + "mlp.down_proj.bias": mlp.down.bias}
+    return out
 
 
 def from_hf_state_dict(
@@ -87,35 +105,31 @@ def from_hf_state_dict(
             f"blocks.{i}.mlp.gate_up.weight": torch.cat(gate_up),
             f"blocks.{i}.mlp.down.weight": take(p + "mlp.down_proj.weight"),
         }
+        if config.attention_bias:
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        if config.attention_out_bias:
+            out[f"blocks.{i}.attn.proj.bias"] = take(p + "self_attn.o_proj.bias")
+        if config.mlp_bias:
+            out[f"blocks.{i}.mlp.gate_up.bias"] = torch.cat([take(p + f"mlp.{n}_proj.bias") for n in ("gate", "up")])
+            out[f"blocks.{i}.mlp.down.bias"] = take(p + "mlp.down_proj.bias")
     return out
 
 
-def hf_config_dict(config: ModelConfig, architecture: str = "LlamaForCausalLM", **token_ids: int | None) -> dict:
-    """A Llama config.json (as the installed transformers writes it) for an lmcore ModelConfig."""
-    from transformers import LlamaConfig
+def hf_config_dict(config: ModelConfig, architecture: str | None = None, **token_ids: int | None) -> dict:
+    """config.json (as the installed transformers writes it) for an lmcore ModelConfig: its own architecture
+    (`config.architecture`), whose causal LM class `architecture` defaults to."""
+    return hfarch.hf_config(config, architecture, **token_ids)
 
-    hf = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.context_length,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=config.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=config.dropout,
-        initializer_range=config.init_std,
-        hidden_act="silu",
-        architectures=[architecture],
-        dtype="float32",
-        **token_ids,
-    )
-    return hf.to_dict()
+
+def hf_class_prefix(config: ModelConfig) -> str:
+    """`Llama`, `Qwen2` or `Mistral`: the transformers class names of the config's architecture."""
+    return hfarch.ARCHITECTURES.get(config.architecture, "Llama")
+
+
+def native_features(config: ModelConfig) -> str:
+    """One line saying that, and with what, a model runs natively in lmcore."""
+    features = hfarch.describe(config)
+    return f"{config.architecture} model runs natively in lmcore" + (f" ({features})" if features else "")
 
 
 # --- export --------------------------------------------------------------------------------------------------
@@ -128,7 +142,8 @@ def export_hf(
     card: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a `LlamaForCausalLM` directory: config, safetensors weights, generation config, tokenizer, model card.
+    """Write a `LlamaForCausalLM` (or Qwen2/Mistral, as the model was read) directory: config, safetensors
+    weights, generation config, tokenizer, model card.
 
     `extra_config` entries are added to config.json (e.g. lineage); `card` fills the README (see `model_card`).
     The directory appears whole or not at all.
@@ -206,7 +221,7 @@ def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
     front = {
         "library_name": "transformers",
         "pipeline_tag": card.get("pipeline_tag", "text-generation"),
-        "tags": ["lmcycle", "llama", *card.get("tags", [])],
+        "tags": ["lmcycle", config.architecture, *card.get("tags", [])],
     }
     if card.get("license"):
         front["license"] = card["license"]
@@ -217,7 +232,8 @@ def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
     lines += [
         "## Model",
         "",
-        f"A Llama-architecture decoder (`LlamaForCausalLM`) with {config.num_params() / 1e6:.2f}M parameters: "
+        f"A {hf_class_prefix(config)}-architecture decoder (`{hf_class_prefix(config)}ForCausalLM`) with "
+        f"{config.num_params() / 1e6:.2f}M parameters: "
         f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads ({config.n_kv_head} key/value "
         f"heads), SwiGLU width {config.d_ff}, context {config.context_length} tokens, vocabulary "
         f"{config.vocab_size}, RoPE θ={config.rope_theta:g}, "
@@ -276,7 +292,8 @@ def _cell(value: Any) -> str:
 
 
 def read_hf_config(directory: str | Path) -> ModelConfig:
-    """The lmcore ModelConfig of a Hugging Face Llama directory; CheckpointError naming any key lmcore cannot run."""
+    """The lmcore ModelConfig of a Hugging Face Llama, Qwen2 or Mistral directory; CheckpointError (one line naming
+    config.json and the key) for anything lmcore cannot run natively."""
     from lmcore.model import ModelConfig
 
     path = Path(directory) / "config.json"
@@ -286,42 +303,32 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not valid JSON") from None
-    if hf.get("model_type") != "llama":
-        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llama')")
-    for key, supported in UNSUPPORTED_KEYS.items():
-        if hf.get(key, supported) != supported:
-            raise CheckpointError(f"{path}: {key}={hf[key]!r} is not supported (lmcore needs {supported!r})")
-    rope = hf.get("rope_parameters") or {}
-    for key, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters.rope_type", rope.get("rope_type"))):
-        kind = value.get("rope_type", value.get("type")) if isinstance(value, dict) else value
-        if kind not in (None, "default"):
-            raise CheckpointError(f"{path}: {key} {value!r} is not supported (only plain RoPE)")
-    n_head, d_model = hf["num_attention_heads"], hf["hidden_size"]
-    if hf.get("head_dim") not in (None, d_model // n_head):
-        raise CheckpointError(f"{path}: head_dim={hf['head_dim']} is not hidden_size/num_attention_heads")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     try:
+        variants = hfarch.variant_fields(hf, path)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
-            d_model=d_model,
+            n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            d_model=hf["hidden_size"],
             d_ff=hf["intermediate_size"],
             context_length=hf["max_position_embeddings"],
             dropout=hf.get("attention_dropout", 0.0),
             init_std=hf.get("initializer_range", 0.02),
-            tie_embeddings=hf.get("tie_word_embeddings", False),  # LlamaConfig's default
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10_000.0)),
+            tie_embeddings=hf.get("tie_word_embeddings", False),  # the default of all three configs
             norm_eps=hf.get("rms_norm_eps", 1e-6),
+            **variants,
         )
     except KeyError as err:
         raise CheckpointError(f"{path}: required key {err.args[0]} is missing") from None
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 
 def import_hf(directory: str | Path) -> tuple[Transformer, ModelConfig]:
-    """An lmcore Transformer (fp32, CPU) holding the weights of a Hugging Face Llama directory."""
+    """An lmcore Transformer (fp32, CPU) holding the weights of a Hugging Face Llama, Qwen2 or Mistral directory."""
     import torch
 
     from lmcore.model import Transformer
@@ -360,7 +367,8 @@ def export_hf_classifier(
     card: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a `LlamaForSequenceClassification` directory: the decoder body, the `score` head, id2label/label2id.
+    """Write a `LlamaForSequenceClassification` (or Qwen2/Mistral) directory: the decoder body, the `score` head,
+    id2label/label2id.
 
     `pad_token_id` is set because transformers pools the last non-pad token of each row with it. `card` takes the
     same keys as `model_card`. The directory appears whole or not at all.
@@ -378,7 +386,7 @@ def export_hf_classifier(
         raise CheckpointError(f"score weight of shape {tuple(score_weight.shape)} does not fit {len(labels)} labels")
     state = to_hf_state_dict(model) | {"score.weight": score_weight.detach().contiguous().clone()}
     state = {name: t.float().cpu() for name, t in state.items()}
-    hf_config = hf_config_dict(config, "LlamaForSequenceClassification", **tokens)
+    hf_config = hf_config_dict(config, f"{hf_class_prefix(config)}ForSequenceClassification", **tokens)
     hf_config |= {
         "id2label": {str(i): label for i, label in enumerate(labels)},
         "label2id": {label: i for i, label in enumerate(labels)},
@@ -400,7 +408,8 @@ def classifier_card(config: ModelConfig, labels: list[str], card: dict[str, Any]
     """README.md of a sequence-classification export: labels, data, settings, metrics, how to load it."""
     import yaml
 
-    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["lmcycle", "llama"]}
+    tags = ["lmcycle", config.architecture]
+    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": tags}
     front["tags"] += list(card.get("tags", []))
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {card.get('title', name)}", ""]
     if card.get("description"):
@@ -408,7 +417,8 @@ def classifier_card(config: ModelConfig, labels: list[str], card: dict[str, Any]
     lines += [
         "## Model",
         "",
-        f"`LlamaForSequenceClassification`: a Llama-architecture decoder ({config.num_params() / 1e6:.2f}M "
+        f"`{hf_class_prefix(config)}ForSequenceClassification`: a {hf_class_prefix(config)}-architecture decoder "
+        f"({config.num_params() / 1e6:.2f}M "
         f"parameters, {config.n_layer} layers, d_model {config.d_model}, context {config.context_length} tokens) "
         "with a linear `score` head on the last non-pad token of each sequence.",
         "",

@@ -12,6 +12,9 @@ whether its Function runs, as the model always has: only in eager mode, with a g
 gradient to compute, also under torch.compile); otherwise the plain math runs, so inference, evaluation and
 compiled blocks (inductor derives and fuses the backward itself) compute exactly what the bare model computes.
 tests/test_model.py checks the Functions against autograd (gradcheck) and the whole model against transformers.
+The Llama-family variants need no plain-path fallback here: projection biases are added by the nn.Linear before
+the rotary split and the SwiGLU see their input, and a sliding window is only a different attention mask (SDPA,
+untouched here), so every Function computes the same thing for them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """The lmcycle transformer: a decoder-only, Llama-style language model, readable top to bottom as its math.
 
 Token embedding → N × [RMSNorm → grouped-query attention with rotary positions → RMSNorm → SwiGLU MLP] → RMSNorm →
-LM head (optionally tied to the embedding). No biases. The math is exactly Hugging Face's `LlamaForCausalLM`
-(rotate-half RoPE, grouped-query attention, fp32 RMSNorm), so export is a renaming of tensors.
+LM head (optionally tied to the embedding). The math is exactly Hugging Face's `LlamaForCausalLM` (rotate-half
+RoPE, grouped-query attention, fp32 RMSNorm), so export is a renaming of tensors. By default there are no biases
+and plain RoPE; the Llama-family variants lmcore runs natively are config fields: scaled RoPE frequencies
+(`rope_scaling`: llama3, linear, dynamic), projection biases (Qwen2's q/k/v, Llama's `attention_bias` and
+`mlp_bias`), a head size other than d_model / n_head, and sliding-window attention on some or all layers
+(Mistral, Qwen2).
 
 The layout is ours, for speed on CPU as much as on GPU: one fused QKV matmul and one fused gate/up matmul per
 block, RoPE tables built once, key/value heads shared inside SDPA instead of copied, and a loss computed a chunk of
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcore.errors import ConfigError
+from lmcore.rope import ROPE_TYPES, RopeScaling, scaled_frequencies
 
 # Torch's exp, log, sin, cos, tanh … run on MKL's vector math on x86 CPUs, which sets itself up on its first call.
 # When that first call is a parallel op, one thread can start before the setup is done and compute with less
@@ -42,6 +47,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+VARIANT_FIELDS = ("head_dim", "rope_scaling", "attention_bias", "attention_out_bias", "mlp_bias", "sliding_window")
+VARIANT_FIELDS += ("sliding_window_from_layer", "architecture")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -56,18 +65,35 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
+    # Llama-family variants (the defaults are the plain model above; see README "Bringing your own model").
+    head_dim: int | None = None  # None: d_model / n_head
+    rope_scaling: RopeScaling | None = None
+    attention_bias: bool = False  # biases on the q, k and v projections
+    attention_out_bias: bool = False  # a bias on the output projection
+    mlp_bias: bool = False  # biases on gate, up and down
+    sliding_window: int | None = None  # a query sees itself and the sliding_window − 1 tokens before it …
+    sliding_window_from_layer: int = 0  # … in layers from this index on (Qwen2's max_window_layers)
+    architecture: str = "llama"  # the Hugging Face model_type the weights come from and are exported as
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_head:
-            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+            self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
-            raise ConfigError(f"model head size d_model/n_head = {self.head_dim} must be even for rotary embeddings")
+            raise ConfigError(f"model head size {self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.rope_scaling, dict):  # as to_dict wrote it
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"model rope_scaling type {self.rope_scaling.rope_type!r} is not one of {ROPE_TYPES}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model sliding_window ({self.sliding_window}) must be at least 1")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to every earlier token)."""
+        return self.sliding_window if layer >= self.sliding_window_from_layer else None
 
     @classmethod
     def from_params(cls, params, vocab_size: int) -> ModelConfig:
@@ -84,12 +110,17 @@ class ModelConfig:
         return cls(vocab_size=vocab_size, **values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, less the Llama-family variants left at their defaults (a plain model's record is as
+        before they existed); `ModelConfig(**to_dict())` gives the config back."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in VARIANT_FIELDS}
+        defaults["head_dim"] = self.d_model // self.n_head
+        return {k: v for k, v in asdict(self).items() if k not in defaults or v != defaults[k]}
 
     def num_params(self, embedding: bool = True) -> int:
         d, hd = self.d_model, self.head_dim
         attn = d * (self.n_head + 2 * self.n_kv_head) * hd + self.n_head * hd * d
-        mlp = 3 * d * self.d_ff
+        attn += (self.n_head + 2 * self.n_kv_head) * hd * self.attention_bias + d * self.attention_out_bias
+        mlp = 3 * d * self.d_ff + (2 * self.d_ff + d) * self.mlp_bias
         block = attn + mlp + 2 * d
         body = self.n_layer * block + d
         emb = self.vocab_size * d
@@ -139,9 +170,13 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 # --- rotary positions ------------------------------------------------------------------------------------------
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, length: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's angles, (length, head_dim / 2): Llama's frequencies (each serves two dims)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, scaling, length)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -175,9 +210,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
-        self.proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.d_model, width, bias=config.attention_bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.attention_out_bias)
         self.dropout = config.dropout
+        self.window = config.layer_window(layer)  # the model hands this layer the matching mask
 
     def forward(self, x, cos, sin, mask=None, cache: Cache | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -208,8 +245,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
-        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=config.mlp_bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.activation(self.gate_up(x)))
@@ -254,7 +291,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -262,7 +299,9 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("proj.weight", "down.weight")):
                 # Residual-branch outputs scaled down with depth (GPT-2), so the residual stream starts calm.
@@ -299,10 +338,24 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]
         else:  # per-row positions, e.g. left-padded batches: (B, T, 1, head_dim / 2)
             cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
+        window_mask = self._window_mask(mask, T, start, input_ids.device)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache, start)
+            x = block(x, cos, sin, mask if block.attn.window is None else window_mask, cache, start)
         return self.norm(x)
+
+    def _window_mask(self, mask: torch.Tensor | None, T: int, start: int, device) -> torch.Tensor | None:
+        """`mask` (None: plain causal) narrowed to the sliding window: query column i sees key column j only when
+        i − j < sliding_window, as transformers' sliding-window mask. Columns, not positions: a packed document
+        starts at its own column, so it is the same thing there; left padding counts as in transformers."""
+        window = self.config.sliding_window
+        if window is None or start + T <= window:
+            return mask
+        S = start + T
+        queries = torch.arange(start, S, device=device)[:, None]
+        keys = torch.arange(S, device=device)[None, :]
+        visible = (keys <= queries) & (queries - keys < window)
+        return visible[None, None] if mask is None else mask & visible
 
     def _mask(self, attention_mask, T: int, start: int, device) -> torch.Tensor | None:
         """None for the plain causal case (SDPA's fast path); else a boolean (B|1, 1, T, start+T) mask."""

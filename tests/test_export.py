@@ -150,12 +150,17 @@ def test_pickled_weights_are_refused(tiny_hf_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-        ({"attention_bias": True}, "attention_bias"),
-        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters"),
+        ({"rope_scaling": {"type": "linear"}}, r"rope_scaling\.factor is missing"),
+        ({"rope_scaling": {"type": "linear", "factor": "x"}}, r"rope_scaling\.factor 'x' is not a number"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"model_type": "gpt2"}, "model_type"),
-        ({"head_dim": 32}, "head_dim"),
+        (
+            {"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]},
+            "layer_types",
+        ),
     ],
 )
 def test_architectures_lmcore_cannot_run_are_refused_naming_the_key(

@@ -1,8 +1,8 @@
 """Stage `finetune`: adapt a pretrained model to conversations (SFT) or to labelled text (classification).
 
 Reads the model in `finetune.init_from` (default models/pretrain/hf, or a Hugging Face directory a user brings:
-an architecture lmcore does not run natively trains through transformers' own class, lmcore.hfcausal),
-data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
+Llama, Qwen2 and Mistral run natively, any other causal LM trains through transformers' own class, lmcore.hfcausal;
+it says once which), data/ingest/{sft|classification}/{train,val}.jsonl and params `finetune`, `project.seed`; writes
 models/finetune/{checkpoint,hf}, reports/finetune.json (no timings) and reports/finetune/{train.csv,val.csv,loss.png}.
 
 One training loop for everything (lmcore.train.loop): fixed steps, fingerprinted atomic checkpoints under
@@ -72,6 +72,7 @@ def run(config: Config, paths: Paths) -> dict:
 def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
     import torch
 
+    from lmcore.export import native_features
     from lmcore.finetune import lora
     from lmcore.finetune.data import batch_indices
     from lmcore.finetune.schedule import resolve_steps
@@ -98,8 +99,8 @@ def _run(config: Config, paths: Paths, env: DistEnv) -> dict:
             f"finetune.task: classification needs an architecture lmcore runs natively; {cfg.init_from} is "
             f"{mcfg.model_type} ({mcfg.reason}): fine-tune it with task sft"
         )
-    if through_hf and env.is_main:
-        say(mcfg.line(STAGE))
+    if env.is_main:
+        say(mcfg.line(STAGE) if through_hf else f"{STAGE}: {native_features(mcfg)}")
     max_length = min(cfg.max_length, mcfg.context_length)
     prepare = prepare_sft if cfg.task == "sft" else prepare_classification
     task = prepare(config, paths, base, tokenizer, max_length, init_dir)
