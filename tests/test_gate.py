@@ -203,6 +203,7 @@ def test_a_pretrain_worse_than_its_bigram_is_challenger_never_champion(evaluated
     assert alias(client, "gate-floor-lm", "challenger") == "1"
     assert alias(client, "gate-floor-lm", "champion") is None
     assert client.get_model_version("gate-floor-lm", "1").tags["lmcycle.gate.decision"] == "rejected"
+    assert description(client, "gate-floor-lm", "1").endswith(f"Promotion gate: not promoted: {result.reason}")
 
     set_lineage(paths.root, "b")  # a version that beats its bigram becomes the first champion
     set_report(paths.root, **{"pretrain.val_bpb": bigram - 0.25})
