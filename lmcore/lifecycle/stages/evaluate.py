@@ -16,6 +16,8 @@ answer or prediction) and samples.csv/json (the samples table).
 - classification: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, majority-class baseline.
 - lm-evaluation-harness (`evaluate.lm_eval.enabled`): a rolling-loglikelihood task over the held-out pretraining
   text, run offline on the exported HF models; its metrics are merged as `lm_eval.<model>.<metric>`.
+Every model is scored on `evaluate.device` with `evaluate.dtype` weights (lmcore.device; cpu/float32 when left out,
+bit-repeatable), recorded as `evaluate.device` and `evaluate.dtype` in the report.
 `*.data_fingerprint` keys hash the held-out text each number was computed on (not its tokens: bits-per-byte is
 tokenizer-independent), so a promotion gate can tell comparable numbers from incomparable ones.
 The sft and classification scorers are the LM library's (lmcore.heldout), the ones the gate re-scores a champion
