@@ -55,14 +55,12 @@ def test_auto_scores_identically_to_cpu_and_bf16_close_to_it(pretrained_workspac
     assert score(auto.device, auto.dtype_name) == cpu  # every number and every answer, bit for bit
     bf16, rows = score("cpu", "bfloat16")
     assert bf16["assistant_tokens"] == cpu[0]["assistant_tokens"] and len(rows) == 6
-    assert bf16["loss"] == pytest.approx(cpu[0]["loss"], rel=0.02)  # bf16 weights: ~3 significant digits
+    assert bf16["loss"] == pytest.approx(cpu[0]["loss"], rel=5e-3)  # bf16 weights: ~1e-4 apart here
     assert bf16["loss"] != cpu[0]["loss"]  # the weights really were bf16
 
 
 @no_cuda
-def test_the_stage_refuses_cuda_here_in_one_line_and_records_the_device(
-    pretrained_workspace: Path, tmp_path: Path
-) -> None:
+def test_the_stage_refuses_cuda_here_in_one_line(pretrained_workspace: Path, tmp_path: Path) -> None:
     root = copy_workspace(pretrained_workspace, tmp_path / "ws", evaluate={"device": "cuda", "prompts": ["Hi"]})
     proc = lmcycle("stage", "evaluate", cwd=root, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
