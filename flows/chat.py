@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from lmcore.model import Transformer
 
 USER_PROMPT = "you> "
+DEVICE_HELP = "auto (CUDA when present, else cpu), cpu, cuda or cuda:N"
+DTYPE_HELP = "weights: auto (bfloat16 on a CUDA device that supports it, else float32), float32 or bfloat16"
 REPLY_PROMPT = "assistant> "
 HELP = "/reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply"
 
@@ -37,16 +39,20 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.8,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling; 1 = off")] = 0.95,
     seed: Annotated[int | None, typer.Option(help="reproducible sampling (reply n uses SEED + n)")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Talk with a model: a multi-turn conversation in its chat template, each reply streamed as it is generated."""
     from lmcore.chat import Chat
+    from lmcore.device import resolve
     from lmcore.engine import SamplingConfig
     from lmcore.generate import load_model
     from lmcore.lifecycle.registry.uris import resolve_model_path
 
     try:
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        transformer, tokenizer = load_model(resolve_model_path(model))
+        where = resolve(device, dtype, key="--device")
+        transformer, tokenizer = load_model(resolve_model_path(model), where.device, where.dtype_name)
         conversation = Chat(tokenizer, transformer.config.context_length, max_new_tokens, system)
     except (LmcycleError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

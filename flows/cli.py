@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from flows.chat import DEVICE_HELP, DTYPE_HELP
 from flows.chat import chat as chat_command
 from flows.initcmd import code, init, version_callback
 from flows.preflight import telemetry_off
@@ -384,8 +385,11 @@ def generate(
     num_samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int | None, typer.Option(help="reproducible sampling")] = None,
     chat: Annotated[bool, typer.Option(help="apply the chat template and stop at the end of the turn")] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Sample from a model with its KV cache, streaming the text to the terminal."""
+    from lmcore.device import resolve
     from lmcore.engine import SamplingConfig
     from lmcore.generate import generate_text, load_model
     from lmcore.lifecycle.registry.uris import resolve_model_path
@@ -400,7 +404,8 @@ def generate(
             num_samples=num_samples,
             seed=seed,
         )
-        transformer, tokenizer = load_model(resolve_model_path(model))
+        where = resolve(device, dtype, key="--device")
+        transformer, tokenizer = load_model(resolve_model_path(model), where.device, where.dtype_name)
     except (LmcycleError, ValueError) as err:
         raise fail(str(err)) from None
 

@@ -108,10 +108,11 @@ def generate_text(
 # --- loading -------------------------------------------------------------------------------------------------
 
 
-def load_model(model: str | Path, device: str = "cpu") -> tuple[Transformer, Any]:
-    """An exported Hugging Face directory as (lmcore Transformer in eval mode, transformers tokenizer; an
-    architecture lmcore does not run natively comes through transformers, lmcore.hfcausal); a
-    registry URI is resolved to such a directory by the lifecycle layer first (lmcore.lifecycle.registry)."""
+def load_model(model: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Transformer, Any]:
+    """An exported Hugging Face directory as (lmcore Transformer in eval mode on `device` with `dtype` weights,
+    transformers tokenizer; an architecture lmcore does not run natively comes through transformers,
+    lmcore.hfcausal); a registry URI is resolved to such a directory by the lifecycle layer first
+    (lmcore.lifecycle.registry). `lmcore.device.resolve` turns auto into a device and dtype of this machine."""
     from transformers import AutoTokenizer
 
     from lmcore.hfcausal import load_causal_lm
@@ -124,4 +125,6 @@ def load_model(model: str | Path, device: str = "cpu") -> tuple[Transformer, Any
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
         raise CheckpointError(f"{path}: cannot load the tokenizer ({str(err).splitlines()[0]})") from None
-    return transformer.to(device).eval(), tokenizer
+    import torch
+
+    return transformer.to(device=device, dtype=getattr(torch, dtype)).eval(), tokenizer

@@ -4,7 +4,8 @@ and the model + tokenizer loader and sampler they share.
 
 The evaluate stage writes these numbers into reports/evaluate.json and the promotion gate re-scores a champion with
 the same functions, so a champion and a challenger are compared by one definition of each metric. Every function
-takes plain values (directories, data, batch sizes), never the params schema; torch and transformers are imported
+takes plain values (directories, data, batch sizes, a device and dtype name: cpu/float32 unless told), never the
+params schema; torch and transformers are imported
 inside the functions that need them.
 """
 
@@ -33,21 +34,36 @@ def _quiet(message: str) -> None:
     del message
 
 
-def load_lm(directory: Path) -> tuple[Any, Any]:
-    """(lmcore Transformer in eval mode, tokenizer) of an HF causal-LM directory (lmcore.hfcausal.HFCausalLM for an
-    architecture lmcore does not run natively)."""
+def load_lm(directory: Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """(lmcore Transformer in eval mode on `device` with `dtype` weights, tokenizer) of an HF causal-LM directory
+    (lmcore.hfcausal.HFCausalLM for an architecture lmcore does not run natively)."""
     from lmcore.hfcausal import load_causal_lm
     from lmcore.tokenizer import model_tokenizer
 
     model, _ = load_causal_lm(directory)
-    return model.eval(), model_tokenizer(directory)
+    return placed(model, device, dtype).eval(), model_tokenizer(directory)
+
+
+def placed(model: torch.nn.Module, device: str, dtype: str) -> torch.nn.Module:
+    """The model on `device` with `dtype` weights (names as lmcore.device resolves them); cpu/float32 is a no-op."""
+    import torch
+
+    return model.to(device=device, dtype=getattr(torch, dtype))
 
 
 # --- language modelling --------------------------------------------------------------------------------------------
 
 
 def text_bpb(
-    model_dir: Path, jsonl: Path, batch_size: int, *, num_workers: int, encode_batch_size: int, shard_tokens: int
+    model_dir: Path,
+    jsonl: Path,
+    batch_size: int,
+    *,
+    num_workers: int,
+    encode_batch_size: int,
+    shard_tokens: int,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> float:
     """Bits-per-byte of a model directory on a jsonl text split, tokenized afresh with the model's own tokenizer
     (so a model with another tokenizer is scored on the same text) and read by `evaluate_lm` over the whole split.
@@ -61,7 +77,7 @@ def text_bpb(
     from lmcore.tokenizer import read_tokenizer, tokenizer_fingerprint
 
     model, mcfg = load_causal_lm(model_dir)
-    model.eval()
+    model = placed(model, device, dtype).eval()
     tok = read_tokenizer(model_dir)
     fingerprint = tokenizer_fingerprint(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,13 +109,15 @@ def sft_scores(
     max_new_tokens: int,
     metrics: Sequence[str] = DEFAULT_SFT_METRICS,
     log: Log = _quiet,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Assistant-token loss and perplexity, then the chosen answer `metrics` (lmcore.taskmetrics) of greedy answers,
     and one row per answer with its per-example values."""
     from lmcore.finetune import sft
     from lmcore.taskmetrics import corpus_scores, example_scores
 
-    model, tokenizer = load_lm(directory)
+    model, tokenizer = load_lm(directory, device, dtype)
     render = sft.chat_renderer(tokenizer, str(directory))
     context = model.config.context_length
     examples = sft.build_examples(conversations, tokenizer, context, render=render)
@@ -136,7 +154,13 @@ class Classified:
 
 
 def classifier_scores(
-    model_dir: Path, data: ClassificationData, val_path: Path, batch_size: int, log: Log = _quiet
+    model_dir: Path,
+    data: ClassificationData,
+    val_path: Path,
+    batch_size: int,
+    log: Log = _quiet,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Classified:
     """Accuracy, macro-F1, per-class scores and the majority-class baseline of a classifier on `data.val`
     (read from `val_path`, named in errors); a held-out label the classifier does not know is a DataError."""
@@ -145,6 +169,7 @@ def classifier_scores(
     from lmcore.tokenizer import model_tokenizer
 
     model, labels = cls.import_hf_classifier(model_dir)
+    model = placed(model, device, dtype)
     tokenizer = model_tokenizer(model_dir)
     unknown = sorted({row.label for row in data.val} - set(labels))
     if unknown:

@@ -15,6 +15,8 @@ LAUNCH_KEYS = frozenset({"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
 # Held-out answer metrics of a chat fine-tune (lmcore/taskmetrics.py): QA, summarization, translation.
 SFT_METRICS = ("exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "bleu", "chrf")
 DEFAULT_SFT_METRICS = ("exact_match", "token_f1")
+# Where a model is scored or sampled (lmcore/device.py): auto, cpu, cuda, cuda:N.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 

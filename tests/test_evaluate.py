@@ -72,6 +72,7 @@ def test_pretrained_model_is_scored_beside_the_count_baselines(sft_evaluated):
     val_text = (sft_evaluated / "data/ingest/pretrain/val.jsonl").read_bytes()
     assert report["pretrain.data_fingerprint"] == hashlib.sha256(val_text).hexdigest()[:16]
     assert (sft_evaluated / "reports/evaluate/pretrain_bpb.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report["evaluate.device"], report["evaluate.dtype"]) == ("cpu", "float32")  # evaluate.device left out
 
 
 def test_sft_lowers_heldout_assistant_loss_against_the_base_model(sft_evaluated):

@@ -203,6 +203,7 @@ def test_a_pretrain_worse_than_its_bigram_is_challenger_never_champion(evaluated
     assert alias(client, "gate-floor-lm", "challenger") == "1"
     assert alias(client, "gate-floor-lm", "champion") is None
     assert client.get_model_version("gate-floor-lm", "1").tags["lmcycle.gate.decision"] == "rejected"
+    assert description(client, "gate-floor-lm", "1").endswith(f"Promotion gate: not promoted: {result.reason}")
 
     set_lineage(paths.root, "b")  # a version that beats its bigram becomes the first champion
     set_report(paths.root, **{"pretrain.val_bpb": bigram - 0.25})
@@ -272,19 +273,43 @@ def below_bigram(root: Path, by: float) -> float:
 @pytest.mark.slow
 def test_a_changed_gate_decides_again_instead_of_reusing_the_old_decision(evaluated_workspace, tmp_path, client):
     paths = gate_workspace(evaluated_workspace, tmp_path / "ws", "gate-reuse", "a")
-    below_bigram(paths.root, 0.5)
+    first_bpb = below_bigram(paths.root, 0.5)
     assert register(paths).decision == "first"
+    assert description(client, "gate-reuse", "1").endswith(
+        f"Promotion gate: champion: pretrain.val_bpb {first_bpb:.4g} (lower is better); the first version, "
+        "no champion before"
+    )
 
     set_lineage(paths.root, "b")
-    below_bigram(paths.root, 0.7)  # better by 0.2, less than the minimum
+    second_bpb = below_bigram(paths.root, 0.7)  # better by 0.2, less than the minimum
     set_params(paths.root, register={"min_improvement": 0.5})
     assert (register(paths).version, register(paths).decision) == ("2", "rejected")
+    rejected = description(client, "gate-reuse", "2")
+    assert "Rebuild it with" in rejected  # the registration's own description stays, the decision follows it
+    assert rejected.endswith(
+        f"Promotion gate: not promoted: pretrain.val_bpb {second_bpb:.6g} does not beat champion v1 "
+        f"{first_bpb:.6g} by more than 0.5 (minimize; same eval data)"
+    )
 
     set_params(paths.root, register={"min_improvement": 0.0})  # same model and lineage, another gate
     again = register(paths)
     assert (again.version, again.reused, again.decision) == ("2", True, "promoted")
     assert alias(client, "gate-reuse", "champion") == "2"
     assert len(client.search_model_versions("name='gate-reuse'")) == 2
+    promoted = description(client, "gate-reuse", "2")
+    assert promoted.count("Promotion gate:") == 1 and "Rebuild it with" in promoted  # replaced, not appended
+    assert promoted.endswith(
+        f"Promotion gate: champion: pretrain.val_bpb {second_bpb:.4g} vs champion v1 {first_bpb:.4g} (lower is better)"
+    )
+    assert description(client, "gate-reuse", "1").endswith(
+        f"Promotion gate: champion until v2: pretrain.val_bpb {second_bpb:.4g} vs this version's {first_bpb:.4g} "
+        "(lower is better)"
+    )
+
+
+def description(client, name: str, version: str) -> str:
+    """What the registry page shows under the version."""
+    return client.get_model_version(name, version).description or ""
 
 
 @pytest.mark.slow

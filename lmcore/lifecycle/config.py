@@ -19,6 +19,7 @@ from lmcore.errors import ConfigError
 from lmcore.files import atomic_write_text
 from lmcore.options import (  # noqa: F401  (the params schema's sections, one import for the lifecycle layer)
     DEFAULT_SFT_METRICS,
+    DEVICE_PATTERN,
     LAUNCH_KEYS,
     SFT_METRICS,
     SPECIAL_TOKENS,
@@ -162,6 +163,14 @@ class EvaluateConfig(Section):
         "token_f1 (QA), rouge1, rouge2, rougeL (summarization), bleu, chrf (translation)",
     )
     batch_size: int = Field(16, ge=1)
+    device: str = Field(
+        "cpu",
+        pattern=DEVICE_PATTERN,
+        description="where models are scored and sampled: cpu (bit-repeatable), auto (CUDA when present), cuda[:N]",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights while scoring; auto = bfloat16 on a CUDA device that supports it, else float32"
+    )
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
     @field_validator("sft_metrics")

@@ -111,7 +111,8 @@ def eval_fingerprint(paths: Paths, flat: dict[str, Any], metric: str, config: Co
     section = metric.split(".")[0]
     declared = flat.get(f"{section}.data_fingerprint")
     if isinstance(declared, str):
-        return settings_fingerprint(declared, section, config)
+        placement = {"device": flat.get("evaluate.device", "cpu"), "dtype": flat.get("evaluate.dtype", "float32")}
+        return settings_fingerprint(declared, section, config, placement)
     val = paths.split_file("pretrain", "val")
     rel = val.relative_to(paths.root).as_posix()
     return dvc_hash(paths.root, rel) or (file_sha256(val) or "none")[:32]

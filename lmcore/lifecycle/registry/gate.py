@@ -11,7 +11,7 @@ Design choices:
   report (no evaluate stage yet) there is nothing to hold it to, and the reason says so.
 - Eval fingerprint: the report's data fingerprint of the metric's section, joined with every setting that changes
   that section's numbers (`evaluate.sft_max_examples`, `evaluate.max_new_tokens`, `evaluate.sft_metrics`,
-  lm-eval's `limit`), so two
+  lm-eval's `limit`, and the device and dtype scored on unless they are the bit-repeatable cpu/float32), so two
   versions are compared on recorded values only when both numbers came from the same data the same way.
 """
 
@@ -35,6 +35,7 @@ def _sft_settings(config: Config) -> dict[str, Any]:
     }
 
 
+DEFAULT_PLACEMENT = {"device": "cpu", "dtype": "float32"}
 SECTION_SETTINGS = {
     "sft": _sft_settings,
     "base": _sft_settings,
@@ -72,6 +73,34 @@ def gate_decision(
         f"{metric} {value:.6g} does not beat champion v{champion_version} {champion_value:.6g} "
         f"by more than {min_improvement:g} ({direction}; {how})"
     )
+
+
+def decision_summary(
+    decision: str,
+    reason: str,
+    metric: str,
+    value: float,
+    direction: str,
+    champion_version: str | None,
+    champion_value: float | None,
+) -> str:
+    """The decision in one line for the version's description on the registry page: `champion: …` or
+    `not promoted: …`. Pure."""
+    order = "lower is better" if direction == "minimize" else "higher is better"
+    if decision == "promoted":
+        return f"champion: {metric} {value:.4g} vs champion v{champion_version} {champion_value:.4g} ({order})"
+    if decision == "first":
+        return f"champion: {metric} {value:.4g} ({order}); the first version, no champion before"
+    if decision == "kept":
+        return f"champion: {metric} {value:.4g} ({order}); it already held the champion alias"
+    return f"not promoted: {reason}"
+
+
+def dethroned_summary(metric: str, old_value: float | None, new_version: str, new_value: float, direction: str) -> str:
+    """The line a champion's description gets when the gate hands the alias to a better version. Pure."""
+    order = "lower is better" if direction == "minimize" else "higher is better"
+    old = "" if old_value is None else f" vs this version's {old_value:.4g}"
+    return f"champion until v{new_version}: {metric} {new_value:.4g}{old} ({order})"
 
 
 # --- the quality floor -------------------------------------------------------------------------------------
@@ -118,12 +147,14 @@ def apply_floor(decision: str, reason: str, enabled: bool, kind: str, metrics: d
 # --- what a gate metric was computed on --------------------------------------------------------------------
 
 
-def settings_fingerprint(declared: str, section: str, config: Config) -> str:
-    """The data fingerprint joined with the settings that change the section's numbers."""
+def settings_fingerprint(declared: str, section: str, config: Config, placement: dict[str, str] | None = None) -> str:
+    """The data fingerprint joined with the settings that change the section's numbers, and with `placement`
+    ({device, dtype} the report was scored on) unless that is cpu/float32, so the default keeps its fingerprint."""
     settings = SECTION_SETTINGS.get(section)
-    if settings is None:
+    placement = placement if placement and placement != DEFAULT_PLACEMENT else {}
+    if settings is None and not placement:
         return declared
-    text = json.dumps({"data": declared, **settings(config)}, sort_keys=True)
+    text = json.dumps({"data": declared, **(settings(config) if settings else {}), **placement}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

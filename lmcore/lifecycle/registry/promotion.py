@@ -6,7 +6,9 @@ Design choices:
   challenger's; otherwise the champion is re-scored on the current held-out data by the LM library's own scorers
   (lmcore.heldout: the functions the evaluate stage reports with), so both numbers share one definition.
 - Every decision and both values are written on the version (`lmcycle.gate.*`), the params hash last: it marks a
-  decision complete, so a registration with the same lineage and params reuses it.
+  decision complete, so a registration with the same lineage and params reuses it. The decision is also the last
+  paragraph of the version's description (`Promotion gate: champion: …` / `not promoted: …`), so the registry page
+  says why; a champion the gate replaces gets `champion until vN: …` there.
 - The read–compare–set runs under the registered model's lease (lmcore.lifecycle.registry.lease).
 """
 
@@ -18,7 +20,15 @@ from typing import TYPE_CHECKING
 from lmcore.errors import LmcycleError
 from lmcore.lifecycle.registry.aliases import alias_version, set_champion
 from lmcore.lifecycle.registry.candidate import Candidate, Registration, registration_from_tags
-from lmcore.lifecycle.registry.gate import apply_floor, baseline_kind, gate_decision, gate_params_hash, gate_record
+from lmcore.lifecycle.registry.gate import (
+    apply_floor,
+    baseline_kind,
+    decision_summary,
+    dethroned_summary,
+    gate_decision,
+    gate_params_hash,
+    gate_record,
+)
 from lmcore.lifecycle.registry.lease import gate_lease
 from lmcore.lifecycle.registry.uris import TAG, local_model_dir
 
@@ -41,6 +51,7 @@ def apply_gate(
     with gate_lease(client, name):
         client.set_registered_model_alias(name, gate.challenger_alias, version.version)
         champion = alias_version(client, name, gate.champion_alias)
+        champion_version = str(champion.version) if champion is not None else None
         champion_value: float | None = None
         if champion is not None and str(champion.version) == str(version.version):
             decision, reason = "kept", "this version already holds the champion alias"
@@ -49,7 +60,6 @@ def apply_gate(
             how = ""
             if champion is not None:
                 champion_value, how = champion_score(champion, paths, config, cand)
-            champion_version = str(champion.version) if champion is not None else None
             decision, reason = gate_decision(
                 cand.metric, value, cand.direction, gate.min_improvement, champion_version, champion_value, how
             )
@@ -57,11 +67,29 @@ def apply_gate(
             decision, reason = apply_floor(decision, reason, gate.quality_floor, kind, cand.metrics)
         if decision in {"first", "promoted"}:
             set_champion(client, name, version.version, gate.champion_alias)
+        summary = decision_summary(
+            decision, reason, cand.metric, value, cand.direction, champion_version, champion_value
+        )
+        describe(client, name, str(version.version), summary)
+        if decision == "promoted" and champion_version is not None:
+            line = dethroned_summary(cand.metric, champion_value, str(version.version), value, cand.direction)
+            describe(client, name, champion_version, line)
         record = gate_record(decision, reason, value, champion, champion_value)
         record["params_hash"] = gate_params_hash(config)  # last: marks the decision complete, for reuse
         for key, val in record.items():
             client.set_model_version_tag(name, version.version, f"{TAG}gate.{key}", val)
     return registration_from_tags(client.get_model_version(name, version.version), reused=reused)
+
+
+GATE_PARAGRAPH = "Promotion gate: "
+
+
+def describe(client: MlflowClient, name: str, version: str, line: str) -> None:
+    """Put `line` as the version description's gate paragraph, in place of any earlier one."""
+    current = client.get_model_version(name, version).description or ""
+    kept = current.split(GATE_PARAGRAPH)[0].rstrip()
+    text = f"{kept}\n\n{GATE_PARAGRAPH}{line}" if kept else f"{GATE_PARAGRAPH}{line}"
+    client.update_model_version(name, version, description=text)
 
 
 def champion_score(champion: ModelVersion, paths: Paths, config: Config, cand: Candidate) -> tuple[float | None, str]:
@@ -98,7 +126,16 @@ def rescore_val_bpb(model_dir: Path, paths: Paths, config: Config) -> float:
         num_workers=tok.num_workers,
         encode_batch_size=tok.batch_size,
         shard_tokens=tok.shard_tokens,
+        **placement(config),
     )
+
+
+def placement(config: Config) -> dict[str, str]:
+    """Where a champion is re-scored: the evaluate stage's `evaluate.device` and `evaluate.dtype`."""
+    from lmcore.device import resolve
+
+    where = resolve(config.evaluate.device, config.evaluate.dtype, key="evaluate.device")
+    return {"device": where.device, "dtype": where.dtype_name}
 
 
 def _rescore_pretrain(metric: str, model_dir: Path, paths: Paths, config: Config) -> float | None:
@@ -119,6 +156,7 @@ def _rescore_sft(metric: str, model_dir: Path, paths: Paths, config: Config) -> 
         batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
         metrics=cfg.sft_metrics,
+        **placement(config),
     )
     return scores.get(metric.split(".", 1)[1])
 
@@ -131,7 +169,8 @@ def _rescore_classification(metric: str, model_dir: Path, paths: Paths, config: 
     cfg = config.finetune
     train_path, val_path = (paths.split_file("classification", s) for s in ("train", "val"))
     data = cls.load_classification(train_path, val_path, cfg.text_field, cfg.label_field)
-    return classifier_scores(model_dir, data, val_path, config.evaluate.batch_size).metrics.get(metric)
+    scored = classifier_scores(model_dir, data, val_path, config.evaluate.batch_size, **placement(config))
+    return scored.metrics.get(metric)
 
 
 RESCORERS = {"pretrain": _rescore_pretrain, "sft": _rescore_sft, "classification": _rescore_classification}

@@ -16,6 +16,8 @@ answer or prediction) and samples.csv/json (the samples table).
 - classification: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, majority-class baseline.
 - lm-evaluation-harness (`evaluate.lm_eval.enabled`): a rolling-loglikelihood task over the held-out pretraining
   text, run offline on the exported HF models; its metrics are merged as `lm_eval.<model>.<metric>`.
+Every model is scored on `evaluate.device` with `evaluate.dtype` weights (lmcore.device; cpu/float32 when left out,
+bit-repeatable), recorded as `evaluate.device` and `evaluate.dtype` in the report.
 `*.data_fingerprint` keys hash the held-out text each number was computed on (not its tokens: bits-per-byte is
 tokenizer-independent), so a promotion gate can tell comparable numbers from incomparable ones.
 The sft and classification scorers are the LM library's (lmcore.heldout), the ones the gate re-scores a champion
@@ -30,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmcore.device import Placement
 from lmcore.errors import CheckpointError, DataError
 from lmcore.lifecycle.config import Config
 from lmcore.lifecycle.paths import Paths
@@ -48,24 +51,25 @@ def run(config: Config, paths: Paths) -> dict:
     out = paths.plots(STAGE)
     for name in OUTPUTS:  # a file this run does not rewrite must not survive from an earlier one
         (out / name).unlink(missing_ok=True)
-    metrics: dict[str, Any] = {}
     models = model_dirs(config, paths)
     if not models:
         raise CheckpointError(f"{STAGE}: no model to evaluate (models/pretrain/hf or models/finetune/hf)")
+    where = placement(config)
+    metrics: dict[str, Any] = {"evaluate.device": where.device, "evaluate.dtype": where.dtype_name}
     if "pretrain" in models:
-        metrics |= evaluate_pretrain(config, paths, models["pretrain"], out)
+        metrics |= evaluate_pretrain(config, paths, models["pretrain"], out, where)
     if "finetune" in models:
         if is_classifier(models["finetune"]):
-            metrics |= evaluate_classification(config, paths, models["finetune"], out)
+            metrics |= evaluate_classification(config, paths, models["finetune"], out, where)
         else:
-            metrics |= evaluate_sft(config, paths, models["finetune"], models.get("base"), out)
-    rows = samples(config, models)
+            metrics |= evaluate_sft(config, paths, models["finetune"], models.get("base"), out, where)
+    rows = samples(config, models, where)
     if rows:
         from lmcore.scoring import write_table
 
         write_table(rows, out, "samples")
     if config.evaluate.lm_eval.enabled:
-        metrics |= run_lm_eval(config, paths, models)
+        metrics |= run_lm_eval(config, paths, models, where)
     declared = {k: v for k, v in metrics.items() if k.endswith("data_fingerprint")}
     metrics["eval_data_fingerprint"] = digest(json.dumps(declared, sort_keys=True).encode())
     write_report(paths.report(STAGE), metrics)
@@ -79,6 +83,16 @@ def run(config: Config, paths: Paths) -> dict:
     keys += ("classification.accuracy", "classification.majority_accuracy", "classification.verdict")
     summary = {k: metrics[k] for k in keys if k in metrics}
     return summary | {"report": str(paths.report(STAGE)), "samples": len(rows)}
+
+
+def placement(config: Config) -> Placement:
+    """`evaluate.device` and `evaluate.dtype` resolved on this machine (cpu/float32 unless the params say else)."""
+    from lmcore.device import resolve
+
+    where = resolve(config.evaluate.device, config.evaluate.dtype, key=f"{STAGE}.device")
+    if not where.is_default:
+        say(f"{STAGE}: scoring on {where}")
+    return where
 
 
 def say(message: str) -> None:
@@ -124,7 +138,7 @@ def is_classifier(directory: Path) -> bool:
 # --- pretrained model vs count baselines -----------------------------------------------------------------------
 
 
-def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path) -> dict[str, Any]:
+def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path, where: Placement) -> dict[str, Any]:
     import torch
 
     from lmcore.baselines import BigramLM, UnigramLM, score_shards, shard_chunks
@@ -134,7 +148,7 @@ def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path) 
     from lmcore.scoring import plot_bars
     from lmcore.tokenizer import tokenizer_fingerprint
 
-    model, _ = load_lm(model_dir)
+    model, _ = load_lm(model_dir, where.device, where.dtype_name)
     fp = tokenizer_fingerprint(model_dir)
     train = TokenShards(paths.tokens / "train", expected_fingerprint=fp)
     val = TokenShards(paths.tokens / "val", expected_fingerprint=fp)
@@ -170,7 +184,9 @@ def evaluate_pretrain(config: Config, paths: Paths, model_dir: Path, out: Path) 
 # --- SFT: fine-tuned vs base on held-out conversations ---------------------------------------------------------
 
 
-def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path | None, out: Path) -> dict[str, Any]:
+def evaluate_sft(
+    config: Config, paths: Paths, tuned_dir: Path, base_dir: Path | None, out: Path, where: Placement
+) -> dict[str, Any]:
     from lmcore.finetune import sft
     from lmcore.heldout import sft_scores
     from lmcore.scoring import plot_bars, write_table
@@ -190,6 +206,8 @@ def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path |
             max_new_tokens=config.evaluate.max_new_tokens,
             metrics=config.evaluate.sft_metrics,
             log=progress,
+            device=where.device,
+            dtype=where.dtype_name,
         )
         result |= {f"{prefix}.{'' if prefix == 'sft' else 'sft_'}{k}": v for k, v in scores.items()}
         table += rows
@@ -205,7 +223,9 @@ def evaluate_sft(config: Config, paths: Paths, tuned_dir: Path, base_dir: Path |
 # --- classification ----------------------------------------------------------------------------------------------
 
 
-def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: Path) -> dict[str, Any]:
+def evaluate_classification(
+    config: Config, paths: Paths, model_dir: Path, out: Path, where: Placement
+) -> dict[str, Any]:
     from lmcore.finetune import classification as cls
     from lmcore.heldout import classifier_scores
     from lmcore.scoring import plot_confusion_matrix, write_table
@@ -213,7 +233,10 @@ def evaluate_classification(config: Config, paths: Paths, model_dir: Path, out: 
     cfg = config.finetune
     train_path, val_path = (paths.split_file("classification", s) for s in ("train", "val"))
     data = cls.load_classification(train_path, val_path, cfg.text_field, cfg.label_field)
-    scored = classifier_scores(model_dir, data, val_path, config.evaluate.batch_size, log=progress)
+    batch_size = config.evaluate.batch_size
+    scored = classifier_scores(
+        model_dir, data, val_path, batch_size, log=progress, device=where.device, dtype=where.dtype_name
+    )
     result = scored.metrics | {"classification.data_fingerprint": file_fingerprint(val_path)}
     result["classification.verdict"] = classifier_verdict(result)
     say(f"{STAGE}: classification {result['classification.verdict']}")
@@ -241,7 +264,7 @@ def classifier_verdict(metrics: dict[str, Any]) -> str:
 # --- samples -------------------------------------------------------------------------------------------------------
 
 
-def samples(config: Config, models: dict[str, Path]) -> list[dict[str, Any]]:
+def samples(config: Config, models: dict[str, Path], where: Placement) -> list[dict[str, Any]]:
     """Greedy and top-p continuations of `evaluate.prompts` by the base (or pretrained) and fine-tuned models."""
     from lmcore.finetune import sft
     from lmcore.heldout import complete, load_lm
@@ -254,9 +277,9 @@ def samples(config: Config, models: dict[str, Path]) -> list[dict[str, Any]]:
         if directory is None:
             continue
         if name == "finetuned" and is_classifier(directory):
-            rows += classify_samples(config, directory)
+            rows += classify_samples(config, directory, where)
             continue
-        model, tokenizer = load_lm(directory)
+        model, tokenizer = load_lm(directory, where.device, where.dtype_name)
         prompts = list(cfg.prompts)
         if name == "finetuned":  # a chat model is asked the prompt as a user turn
             render = sft.chat_renderer(tokenizer, str(directory))
@@ -282,17 +305,19 @@ def samples(config: Config, models: dict[str, Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def classify_samples(config: Config, directory: Path) -> list[dict[str, Any]]:
+def classify_samples(config: Config, directory: Path, where: Placement) -> list[dict[str, Any]]:
     import torch
 
     from lmcore.finetune import classification as cls
+    from lmcore.heldout import placed
     from lmcore.tokenizer import model_tokenizer
 
     model, labels = cls.import_hf_classifier(directory)
+    model = placed(model, where.device, where.dtype_name)
     tokenizer = model_tokenizer(directory)
     prompts = list(config.evaluate.prompts)
     rows, _ = cls.encode_texts(prompts, tokenizer, model.config.context_length)
-    probs = torch.softmax(cls.logits(model, rows, tokenizer.pad_token_id, config.evaluate.batch_size), -1)
+    probs = torch.softmax(cls.logits(model, rows, tokenizer.pad_token_id, config.evaluate.batch_size).float(), -1)
     return [
         {
             "model": "finetuned",
@@ -328,7 +353,7 @@ def lm_eval_task_yaml(data_file: Path) -> str:
     return yaml.safe_dump(task, sort_keys=False)
 
 
-def run_lm_eval(config: Config, paths: Paths, models: dict[str, Path]) -> dict[str, Any]:
+def run_lm_eval(config: Config, paths: Paths, models: dict[str, Path], where: Placement) -> dict[str, Any]:
     """lm-evaluation-harness on the exported causal LMs over the held-out pretraining text, fully offline."""
     import tempfile
 
@@ -350,10 +375,10 @@ def run_lm_eval(config: Config, paths: Paths, models: dict[str, Path]) -> dict[s
             say(f"{STAGE}: lm-evaluation-harness on {directory}")
             out = simple_evaluate(
                 model="hf",
-                model_args=f"pretrained={directory},dtype=float32",
+                model_args=f"pretrained={directory},dtype={where.dtype_name}",
                 tasks=[LM_EVAL_TASK],
                 task_manager=manager,
-                device="cpu",
+                device=where.device,
                 batch_size=1,
                 limit=cfg.limit or None,
                 random_seed=config.project.seed,
