@@ -177,12 +177,12 @@ def test_classifier_exports_the_same_architecture(
         torch.testing.assert_close(ours.eval()(x, mask), theirs.eval()(x).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 def test_resume_after_sigkill_is_bit_identical(
-    hf_dirs: dict[str, Path], pretrained_workspace: Path, tmp_path: Path, arch: str = "qwen2"
+    hf_dirs: dict[str, Path], pretrained_workspace: Path, tmp_path: Path, arch: str
 ) -> None:
-    """As tests/test_finetune.py's resume test, on the architecture with the most native features (biases, a
-    window on some layers): a run killed once its step-4 checkpoint is complete, resumed, ends with the weights
-    and reports of a run never interrupted."""
+    """As tests/test_finetune.py's resume test, on each architecture: a run killed once its step-4 checkpoint is
+    complete, resumed, ends with the weights and reports of a run never interrupted."""
     long = FINETUNE | {"steps": 60, "eval_every": 30, "log_every": 10, "lr": 0.002}
     straight = workspace(pretrained_workspace, hf_dirs[arch], tmp_path / "straight", **long)
     run_finetune(straight)
@@ -207,3 +207,46 @@ def test_resume_after_sigkill_is_bit_identical(
     assert "resuming from" in resumed.stderr and FEATURES[arch] in resumed.stderr
     assert_same_weights(weights(killed / "models/finetune/checkpoint/model.safetensors"), expected)
     assert (killed / "reports/finetune.json").read_bytes() == (straight / "reports/finetune.json").read_bytes()
+
+
+def hub_cache(hf_dir: Path, cache: Path, repo_id: str) -> Path:
+    """`hf_dir` laid out as huggingface_hub's cache holds a downloaded snapshot (refs/main → snapshots/COMMIT)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(hf_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hub_id_in_the_local_cache_fine_tunes_and_an_unknown_one_fails_in_one_line(
+    hf_dirs: dict[str, Path], pretrained_workspace: Path, tmp_path: Path
+) -> None:
+    """`finetune.init_from: org/name` resolves through the Hugging Face cache, offline (nothing is downloaded)."""
+    from lmcore.errors import CheckpointError
+    from lmcore.hubdir import model_directory
+
+    cache = tmp_path / "hf-cache"
+    snapshot = hub_cache(hf_dirs["mistral"], cache, "acme/tiny-mistral")
+    assert model_directory("acme/tiny-mistral", tmp_path, "finetune.init_from", cache) == snapshot
+    assert model_directory("acme/tiny-mistral@main", tmp_path, "finetune.init_from", cache) == snapshot
+    for missing in ("acme/nothing-here", "acme/tiny-mistral@v9"):
+        with pytest.raises(CheckpointError, match=r"^finetune.init_from: acme/.* local Hugging Face cache") as err:
+            model_directory(missing, tmp_path, "finetune.init_from", cache)
+        assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="not a Hugging Face model directory"):
+        model_directory("models/none/here", tmp_path, "finetune.init_from", cache)
+
+    brought = {"init_from": "acme/tiny-mistral", **FINETUNE}
+    root = copy_workspace(pretrained_workspace, tmp_path / "ws", finetune=brought)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["lmcycle", "stage", "finetune"], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert FEATURES["mistral"] in proc.stderr
+    assert json.loads((root / "models/finetune/hf/config.json").read_text())["model_type"] == "mistral"
+
+    unknown = copy_workspace(pretrained_workspace, tmp_path / "ws2", finetune={"init_from": "acme/unknown"})
+    proc = subprocess.run(["lmcycle", "stage", "finetune"], cwd=unknown, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from: acme/unknown is not a model")
+    assert not (unknown / "models/finetune").exists()

@@ -102,7 +102,10 @@ class PretrainConfig(TrainConfig):
 
 class FinetuneConfig(TrainConfig):
     task: Literal["sft", "classification"] = "sft"
-    init_from: str = Field("models/pretrain/hf", description="a Hugging Face Llama directory to start from")
+    init_from: str = Field(
+        "models/pretrain/hf",
+        description="a Hugging Face causal-LM directory, or a hub id org/name[@revision] from the local HF cache",
+    )
     tokenizer: str | None = Field(
         "models/tokenizer",
         description="must equal the tokenizer inside init_from; null = the model's own (a model you bring)",

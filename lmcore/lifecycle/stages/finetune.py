@@ -208,11 +208,10 @@ def recorded(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def resolve_dir(paths: Paths, value: str, key: str) -> Path:
-    directory = Path(value)
-    directory = directory if directory.is_absolute() else paths.root / directory
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{key}: {value} is not a Hugging Face model directory (run the pretrain stage first?)")
-    return directory
+    """A model directory, or a hub id `org/name[@revision]` from the local Hugging Face cache (lmcore.hubdir)."""
+    from lmcore.hubdir import model_directory
+
+    return model_directory(value, paths.root, key)
 
 
 def check_tokenizer(paths: Paths, expected: str | None, init_dir: Path) -> None:
