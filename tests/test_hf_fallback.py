@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_workspace
+from conftest import copy_workspace, lmcycle
 from safetensors.torch import load_file
 
 from lmcore.lifecycle.config import load_config
@@ -143,6 +143,18 @@ def test_greedy_decoding_matches_transformers_generate(base_dir: Path):
         with torch.no_grad():
             out = model.hf.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=pad)
         assert ours == out[0, ids.shape[1] :].tolist()
+
+
+def test_generate_and_chat_commands_answer_with_a_fallback_model(base_dir: Path, tmp_path: Path):
+    """The console commands load a non-native directory through transformers and answer greedily, the same twice."""
+    args = ["--model", str(base_dir), "--max-new-tokens", "6", "--temperature", "0"]
+    runs = [lmcycle("generate", *args, "--prompt", "In the beginning", cwd=tmp_path) for _ in range(2)]
+    assert runs[0].stdout.startswith("In the beginning") and runs[0].stdout == runs[1].stdout
+    assert "Traceback" not in runs[0].stderr
+    turns = "Hello\nAnd who are you?\n/exit\n"
+    proc = subprocess.run(["lmcycle", "chat", *args], input=turns, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("assistant> ") == 2 and "Traceback" not in proc.stderr
 
 
 def test_resume_after_sigkill_ends_bit_identical(ws, capfd):
