@@ -25,7 +25,8 @@ def model_directory(value: str, root: Path, key: str, cache_dir: Path | None = N
     directory = directory if directory.is_absolute() else root / directory
     if (directory / "config.json").is_file():
         return directory
-    if directory.exists() or not HUB_ID.fullmatch(value):
+    if directory.exists() or not HUB_ID.fullmatch(value) or (root / value.split("/")[0]).is_dir():
+        # a local path (its first folder exists here, as `models/` does): a typo, not a hub id
         raise CheckpointError(f"{key}: {value} is not a Hugging Face model directory (run the pretrain stage first?)")
     return _from_hub(value, key, cache_dir)
 
@@ -46,7 +47,9 @@ def _from_hub(value: str, key: str, cache_dir: Path | None) -> Path:
     except Exception as err:  # the hub library raises a family of its own and OSError; all mean "not there"
         where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{key}: {value} is not a model directory, nor found in {where}: {first}") from None
+        raise CheckpointError(
+            f"{key}: {value} is not a Hugging Face model directory, nor a model in {where}: {first}"
+        ) from None
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{key}: hub model {value} has no config.json (not a transformers model)")

@@ -234,8 +234,10 @@ def test_a_hub_id_in_the_local_cache_fine_tunes_and_an_unknown_one_fails_in_one_
         with pytest.raises(CheckpointError, match=r"^finetune.init_from: acme/.* local Hugging Face cache") as err:
             model_directory(missing, tmp_path, "finetune.init_from", cache)
         assert "\n" not in str(err.value)
-    with pytest.raises(CheckpointError, match="not a Hugging Face model directory"):
-        model_directory("models/none/here", tmp_path, "finetune.init_from", cache)
+    (tmp_path / "models").mkdir()
+    for local in ("models/none/here", "models/typo"):  # `models/` is here: a local path, never a hub id
+        with pytest.raises(CheckpointError, match=r"not a Hugging Face model directory \(run the pretrain stage"):
+            model_directory(local, tmp_path, "finetune.init_from", cache)
 
     brought = {"init_from": "acme/tiny-mistral", **FINETUNE}
     root = copy_workspace(pretrained_workspace, tmp_path / "ws", finetune=brought)
@@ -248,5 +250,6 @@ def test_a_hub_id_in_the_local_cache_fine_tunes_and_an_unknown_one_fails_in_one_
     unknown = copy_workspace(pretrained_workspace, tmp_path / "ws2", finetune={"init_from": "acme/unknown"})
     proc = subprocess.run(["lmcycle", "stage", "finetune"], cwd=unknown, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from: acme/unknown is not a model")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: finetune.init_from: acme/unknown is not a Hugging Face model directory, nor a")
     assert not (unknown / "models/finetune").exists()
