@@ -216,19 +216,7 @@ def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
     `card` keys (all optional): title, description, license, data (text or list), params (dict: training
     settings), metrics (dict), tags (list), pipeline_tag.
     """
-    import yaml
-
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": card.get("pipeline_tag", "text-generation"),
-        "tags": ["lmcycle", config.architecture, *card.get("tags", [])],
-    }
-    if card.get("license"):
-        front["license"] = card["license"]
-    title = card.get("title", name)
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
-    if card.get("description"):
-        lines += [str(card["description"]), ""]
+    lines = card_head(card, name, card.get("pipeline_tag", "text-generation"), config.architecture)
     lines += [
         "## Model",
         "",
@@ -264,6 +252,23 @@ def model_card(config: ModelConfig, card: dict[str, Any], name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def card_head(card: dict[str, Any], name: str, pipeline_tag: str, architecture: str) -> list[str]:
+    """The opening every model card shares: YAML front matter (library, pipeline, tags, license), title, description."""
+    import yaml
+
+    front: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": pipeline_tag,
+        "tags": ["lmcycle", architecture, *card.get("tags", [])],
+    }
+    if card.get("license"):
+        front["license"] = card["license"]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {card.get('title', name)}", ""]
+    if card.get("description"):
+        lines += [str(card["description"]), ""]
+    return lines
 
 
 def _card_sections(card: dict) -> list[str]:
@@ -406,14 +411,7 @@ def export_hf_classifier(
 
 def classifier_card(config: ModelConfig, labels: list[str], card: dict[str, Any], name: str) -> str:
     """README.md of a sequence-classification export: labels, data, settings, metrics, how to load it."""
-    import yaml
-
-    tags = ["lmcycle", config.architecture]
-    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": tags}
-    front["tags"] += list(card.get("tags", []))
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {card.get('title', name)}", ""]
-    if card.get("description"):
-        lines += [str(card["description"]), ""]
+    lines = card_head(card, name, "text-classification", config.architecture)
     lines += [
         "## Model",
         "",

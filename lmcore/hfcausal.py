@@ -278,22 +278,11 @@ def export_hf_causal(
 
 def model_card(model: HFCausalLM, card: dict[str, Any], name: str) -> str:
     """README.md of a fallback export: the same front matter, sections and loading snippet as lmcore's own."""
-    import yaml
-
-    from lmcore.export import _card_sections
+    from lmcore.export import _card_sections, card_head
 
     info = model.config
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": card.get("pipeline_tag", "text-generation"),
-        "tags": ["lmcycle", info.model_type, *card.get("tags", [])],
-    }
-    if card.get("license"):
-        front["license"] = card["license"]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {card.get('title', name)}", ""]
-    if card.get("description"):
-        lines += [str(card["description"]), ""]
+    lines = card_head(card, name, card.get("pipeline_tag", "text-generation"), info.model_type)
     lines += [
         "## Model",
         "",
