@@ -144,6 +144,24 @@ def test_classifier_exports_id2label_and_matches_transformers(ws):
 # --- guarantees of the loop -----------------------------------------------------------------------------------------
 
 
+def kill_finetune_at_checkpoint(root: Path, step: int, poll_s: float = 0.05) -> None:
+    """Start `lmcycle stage finetune` in `root` and SIGKILL it once its step-`step` checkpoint is complete."""
+    proc = subprocess.Popen(["lmcycle", "stage", "finetune"], cwd=root, stderr=subprocess.PIPE, text=True)
+    try:
+        first = root / "checkpoints" / "finetune" / f"step_{step:07d}" / "meta.json"
+        deadline = time.monotonic() + 600
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        assert proc.poll() is None, f"finished before it could be killed:\n{proc.stderr.read()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 def test_resume_after_sigkill_ends_bit_identical(ws):
     # long enough that the kill always lands mid-run: it is sent once the step-4 checkpoint is complete, with 116
     # steps still to go (a 12-step run could finish before the signal arrived)
@@ -153,14 +171,7 @@ def test_resume_after_sigkill_ends_bit_identical(ws):
     expected = weights(straight / "models/finetune/checkpoint/model.safetensors")
 
     killed = ws("killed", **long_sft)
-    proc = subprocess.Popen(["lmcycle", "stage", "finetune"], cwd=killed, stderr=subprocess.PIPE, text=True)
-    first = killed / "checkpoints" / "finetune" / "step_0000004" / "meta.json"
-    deadline = time.monotonic() + 600
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"finished before it could be killed:\n{proc.stderr.read()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    kill_finetune_at_checkpoint(killed, 4)
     assert not (killed / "models" / "finetune").exists()
     resumed = lmcycle("stage", "finetune", cwd=killed)
     assert "resuming from" in resumed.stderr

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import copy_workspace, lmcycle
-from test_finetune import assert_same_weights, run_finetune, weights
+from test_finetune import assert_same_weights, kill_finetune_at_checkpoint, run_finetune, weights
 
 from lmcore.export import TOKENIZER_FILES, import_hf, native_features
 
@@ -189,20 +187,7 @@ def test_resume_after_sigkill_is_bit_identical(
     expected = weights(straight / "models/finetune/checkpoint/model.safetensors")
 
     killed = workspace(pretrained_workspace, hf_dirs[arch], tmp_path / "killed", **long)
-    proc = subprocess.Popen(["lmcycle", "stage", "finetune"], cwd=killed, stderr=subprocess.PIPE, text=True)
-    try:
-        first = killed / "checkpoints" / "finetune" / "step_0000004" / "meta.json"
-        deadline = time.monotonic() + 600
-        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"finished before it could be killed:\n{proc.stderr.read()}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    kill_finetune_at_checkpoint(killed, 4)
     resumed = lmcycle("stage", "finetune", cwd=killed)
     assert "resuming from" in resumed.stderr and FEATURES[arch] in resumed.stderr
     assert_same_weights(weights(killed / "models/finetune/checkpoint/model.safetensors"), expected)

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import copy_workspace, lmcycle
 from safetensors.torch import load_file
+from test_finetune import kill_finetune_at_checkpoint
 
 from lmcore.lifecycle.config import load_config
 from lmcore.lifecycle.paths import Paths
@@ -165,19 +163,7 @@ def test_resume_after_sigkill_ends_bit_identical(ws, capfd):
     expected = load_file(str(straight / "models/finetune/checkpoint/model.safetensors"))
 
     killed = ws("killed", **short)
-    proc = subprocess.Popen(["lmcycle", "stage", "finetune"], cwd=killed, stderr=subprocess.PIPE, text=True)
-    try:
-        first = killed / "checkpoints" / "finetune" / "step_0000012" / "meta.json"
-        deadline = time.monotonic() + 300
-        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, f"finished before it could be killed:\n{proc.stderr.read()}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_finetune_at_checkpoint(killed, 12, poll_s=0.01)
     assert not (killed / "models" / "finetune").exists()
     capfd.readouterr()
     run_finetune(killed)
